@@ -1,0 +1,5 @@
+import sys
+
+from adaroute.cli import main
+
+sys.exit(main())

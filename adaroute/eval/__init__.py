@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, agreement with the dense base, speed and cost."""

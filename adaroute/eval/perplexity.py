@@ -1,0 +1,92 @@
+"""Perplexity over non-overlapping windows.
+
+Protocol (identical for dense and routed models, so their numbers compare):
+1. The text is tokenized once without special tokens; `max_tokens` keeps the first N tokens.
+2. The ids are cut into consecutive, non-overlapping windows of `window` tokens; a trailing
+   remainder is kept as a last, shorter window if it has at least 2 tokens.
+3. Each window is one forward pass with no cache and no context from earlier windows; every token
+   after a window's first is scored by the cross-entropy of its next-token prediction.
+4. perplexity = exp(total negative log-likelihood / total scored tokens). `tokens` in results is
+   the number of scored tokens (window length - 1, summed).
+This matches transformers' own `model(ids, labels=ids).loss` per window, weighted by scored tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaroute.errors import AdarouteError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # summed over scored tokens, nats
+    tokens: int  # scored tokens
+    windows: int
+    seconds: float
+
+    def merge(self, other: PerplexityResult) -> PerplexityResult:
+        nll, tokens = self.nll + other.nll, self.tokens + other.tokens
+        return PerplexityResult(
+            math.exp(nll / tokens), nll, tokens, self.windows + other.windows, self.seconds + other.seconds
+        )
+
+
+def context_length(model: nn.Module) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+
+def check_window(model: nn.Module, window: int) -> None:
+    limit = context_length(model)
+    if window < 2:
+        raise AdarouteError(f"--window {window} is too small: use at least 2 tokens")
+    if limit and window > limit:
+        raise AdarouteError(f"--window {window} is larger than the model's context ({limit}): use --window {limit} or less")
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """[N] token ids of `text` (no special tokens), cut to `max_tokens`."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise AdarouteError("the text is too short to score: it needs at least 2 tokens")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """Non-overlapping [1, W] windows of `ids` [N]; a trailing remainder of ≥ 2 tokens is kept."""
+    return [w.unsqueeze(0) for w in ids.split(window) if w.numel() >= 2]
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of one window: logits [1, W, V], ids [1, W] → scalar."""
+    return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+
+
+@torch.inference_mode()
+def iter_logits(model: nn.Module, wins: list[torch.Tensor], desc: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (ids [1, W], logits [1, W, V]) for each window, with a progress bar."""
+    for w in tqdm(wins, desc=desc or "windows", unit="win", leave=False):
+        yield w, model(input_ids=w, use_cache=False).logits
+
+
+def perplexity(model: nn.Module, tokenizer, text: str, window: int = 512, max_tokens: int | None = None,
+               desc: str = "") -> PerplexityResult:
+    """Perplexity of `model` on `text` under the protocol in this module's docstring."""
+    check_window(model, window)
+    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    start, nll, scored = time.perf_counter(), 0.0, 0
+    for w, logits in iter_logits(model, wins, desc):
+        nll += window_nll(logits, w).item()
+        scored += w.shape[1] - 1
+    return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - start)
