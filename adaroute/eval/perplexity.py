@@ -50,7 +50,9 @@ def check_window(model: nn.Module, window: int) -> None:
     if window < 2:
         raise AdarouteError(f"--window {window} is too small: use at least 2 tokens")
     if limit and window > limit:
-        raise AdarouteError(f"--window {window} is larger than the model's context ({limit}): use --window {limit} or less")
+        raise AdarouteError(
+            f"--window {window} is larger than the model's context ({limit}): use --window {limit} or less"
+        )
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -74,7 +76,7 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def iter_logits(model: nn.Module, wins: list[torch.Tensor], desc: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_logits(model: nn.Module, wins: list[torch.Tensor], desc: str = "") -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (ids [1, W], logits [1, W, V]) for each window, with a progress bar."""
     for w in tqdm(wins, desc=desc or "windows", unit="win", leave=False):
         yield w, model(input_ids=w, use_cache=False).logits
