@@ -1,41 +1,101 @@
-"""`adaroute eval MODEL --data FILE...`: perplexity per data file and in total."""
+"""`adaroute eval MODEL --data FILE...`: perplexity per data file and in total.
+
+For a routed model the dense base is evaluated on the same windows too, and the record adds the
+perplexity ratio, top-1 agreement with dense, per-layer density, FFN cost shares and the
+units-per-token distribution.
+"""
 
 from __future__ import annotations
 
 from adaroute.cli.common import add_model_arg, format_table, positive_int, setup_threads, write_json
 from adaroute.data import load_texts
+from adaroute.errors import AdarouteError
 from adaroute.eval.perplexity import check_window, perplexity
 from adaroute.models import load_model
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model on text (non-overlapping windows)")
+    p = sub.add_parser("eval", help="perplexity of a model on text (routed models: side by side with dense)")
     add_model_arg(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="UTF-8 text files, or builtin:calib / builtin:heldout")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="score at most N tokens of each file")
     p.add_argument("--window", type=positive_int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--density", type=float, default=None,
+                   help="routed models: override the calibrated target density for a quick sweep")
     p.add_argument("--json", metavar="OUT", help="write results as JSON")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.density is not None and not 0 < args.density <= 1:
+        raise AdarouteError(f"--density {args.density} is out of range: use a value in (0, 1]")
     setup_threads()
     texts = load_texts(args.data)  # read all inputs before the slow model load
     model, tokenizer = load_model(args.model)
     check_window(model, args.window)
-    records, total = [], None
-    for t in texts:
-        r = perplexity(model, tokenizer, t.text, args.window, args.max_tokens, desc=t.name)
-        total = r if total is None else total.merge(r)
-        records.append(_record(args, t.name, r))
-    payload = {"results": records, "total": _record(args, "total", total)}
-    rows = [[r["data"], r["perplexity"], r["tokens"], r["seconds"]] for r in [*records, payload["total"]]]
-    print(format_table(["data", "perplexity", "tokens", "seconds"], rows))
+    from adaroute.routing import RoutedMLP
+
+    routed = any(isinstance(m, RoutedMLP) for m in model.modules())
+    if args.density is not None and not routed:
+        raise AdarouteError("--density applies to routed models only: convert the model first (adaroute convert)")
+    evaluate = _eval_routed if routed else _eval_dense
+    records = [evaluate(model, tokenizer, t, args) for t in texts]
+    payload = {"model": args.model, "routed": routed, "results": records, "total": _total(records, args)}
+    _print(payload, routed)
     write_json(args.json, payload)
     return 0
 
 
-def _record(args, name: str, r) -> dict:
-    return {"model": args.model, "data": name, "perplexity": r.perplexity, "tokens": r.tokens,
+def _eval_dense(model, tokenizer, text, args) -> dict:
+    r = perplexity(model, tokenizer, text.text, args.window, args.max_tokens, desc=text.name)
+    return {"model": args.model, "data": text.name, "perplexity": r.perplexity, "tokens": r.tokens,
             "windows": r.windows, "window": args.window, "seconds": round(r.seconds, 3)}
+
+
+def _eval_routed(model, tokenizer, text, args) -> dict:
+    import time
+
+    from adaroute.routing.quality import compare_with_dense
+
+    start = time.perf_counter()
+    r = compare_with_dense(model, tokenizer, text.text, args.window, args.max_tokens, args.density, desc=text.name)
+    return {"model": args.model, "data": text.name, "perplexity": r["perplexity_routed"], "window": args.window,
+            "seconds": round(time.perf_counter() - start, 3), **r}
+
+
+def _total(records: list[dict], args) -> dict:
+    """Token-weighted totals over all files (perplexities combine through their summed NLL)."""
+    import math
+
+    tokens = sum(r["tokens"] for r in records)
+    total = {"model": args.model, "data": "total", "tokens": tokens, "window": args.window,
+             "seconds": round(sum(r["seconds"] for r in records), 3)}
+    for key in ("perplexity", "perplexity_dense", "perplexity_routed"):
+        if key in records[0]:
+            total[key] = math.exp(sum(math.log(r[key]) * r["tokens"] for r in records) / tokens)
+    if "perplexity_dense" in total:
+        total["perplexity_ratio"] = total["perplexity_routed"] / total["perplexity_dense"]
+        total["top1_agreement"] = sum(r["top1_agreement"] * r["tokens"] for r in records) / tokens
+    return total
+
+
+def _print(payload: dict, routed: bool) -> None:
+    rows = [*payload["results"], payload["total"]]
+    if not routed:
+        print(format_table(["data", "perplexity", "tokens", "seconds"],
+                           [[r["data"], r["perplexity"], r["tokens"], r["seconds"]] for r in rows]))
+        return
+    headers = ["data", "ppl dense", "ppl routed", "ratio", "top-1 agree", "tokens", "seconds"]
+    print(format_table(headers, [[r["data"], r["perplexity_dense"], r["perplexity_routed"], r["perplexity_ratio"],
+                                  r["top1_agreement"], r["tokens"], r["seconds"]] for r in rows]))
+    for r in payload["results"]:
+        upt = r.get("units_per_token") or {}
+        print(f"{r['data']}: mean density {r['mean_density']:.3f}, FFN bytes share {r['ffn_bytes_share']:.3f} "
+              f"(router {r['router_bytes_share']:.3f}), FFN FLOPs share {r['ffn_flops_share']:.3f}, "
+              f"units/token {_summary(upt)}")
+
+
+def _summary(dist: dict) -> str:
+    keys = [k for k in ("mean", "std", "p5", "p50", "p95") if k in dist]
+    return ", ".join(f"{k} {dist[k]:.0f}" for k in keys) if keys else "n/a"

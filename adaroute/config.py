@@ -1,0 +1,149 @@
+"""Configuration dataclasses, one per concern, validated on construction.
+
+Every check raises ``ValueError`` naming the offending field, so a bad value fails where it is
+written rather than deep inside a training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+@dataclass
+class RoutingConfig:
+    """How a dense FFN is turned into a routed one.
+
+    density:       target mean share of FFN units computed per token, over all routed layers.
+    policy:        "adaptive" (per-layer score threshold, unit count varies per token) or
+                   "topk" (fixed k = density * F units per token; the baseline).
+    allocation:    "sensitivity" spreads the density over layers by measured loss sensitivity;
+                   "uniform" gives every layer the same density.
+    min_density / max_density: per-token guards, as shares of F (converted to unit counts per layer).
+    layer_min_density / layer_max_density: bounds on any one layer's mean density when allocating.
+    group_size:    hidden-dim group of the int4 router shadow (must divide the hidden size).
+    """
+
+    density: float = 0.5
+    policy: str = "adaptive"
+    allocation: str = "sensitivity"
+    min_density: float = 0.02
+    max_density: float = 1.0
+    layer_min_density: float = 0.15
+    layer_max_density: float = 1.0
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.density <= 1.0, "density", f"must be in (0, 1], got {self.density}")
+        _check(self.policy in ("adaptive", "topk"), "policy", f"must be 'adaptive' or 'topk', got {self.policy!r}")
+        _check(
+            self.allocation in ("sensitivity", "uniform"),
+            "allocation",
+            f"must be 'sensitivity' or 'uniform', got {self.allocation!r}",
+        )
+        _check(0.0 <= self.min_density <= 1.0, "min_density", f"must be in [0, 1], got {self.min_density}")
+        _check(
+            self.min_density < self.max_density <= 1.0,
+            "max_density",
+            f"must be in (min_density, 1], got {self.max_density}",
+        )
+        _check(
+            0.0 < self.layer_min_density <= self.density <= self.layer_max_density <= 1.0,
+            "layer_min_density",
+            "need 0 < layer_min_density <= density <= layer_max_density <= 1, got "
+            f"{self.layer_min_density} / {self.density} / {self.layer_max_density}",
+        )
+        _check(self.group_size > 0 and self.group_size % 2 == 0, "group_size", "must be a positive even int")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        _check(not unknown, "routing", f"unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # Demo preset: a small calibration sample, short ranking fit, a short distillation pass.
+    "quick": dict(
+        calib_tokens=8192,
+        window=256,
+        ranking_steps=100,
+        sensitivity_tokens=1024,
+        distill_steps=0,
+    ),
+    # Default preset: sized to finish in under ~15 minutes on 2 CPU cores for the embedded model.
+    "default": dict(
+        calib_tokens=24576,
+        window=512,
+        ranking_steps=300,
+        sensitivity_tokens=4096,
+        distill_steps=0,
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Router training on calibration text.
+
+    calib_tokens:       tokens of calibration text captured (dense FFN inputs, per layer).
+    window:             tokens per calibration window.
+    ranking_steps:      optimiser steps of the per-layer ranking fit (0 = keep the untrained shadow).
+    ranking_batch:      tokens per ranking step.
+    lr:                 Adam learning rate for router scales and unit biases.
+    z_loss / usage_loss: weights of the router z-loss and the unit-usage term.
+    tau:                temperature (score units, i.e. log-contribution) of the soft mask.
+    sensitivity_tokens: tokens used to measure per-layer loss sensitivity (for density allocation).
+    distill_steps:      end-to-end distillation steps, KL(dense || routed), routers in the loop.
+    distill_batch:      windows per distillation step.
+    distill_lr:         learning rate in distillation.
+    seed:               seeds every random choice; the same seed gives the same routers.
+    """
+
+    calib_tokens: int = 24576
+    window: int = 512
+    ranking_steps: int = 300
+    ranking_batch: int = 2048
+    lr: float = 2e-3
+    z_loss: float = 1e-4
+    usage_loss: float = 1.0
+    tau: float = 0.5
+    sensitivity_tokens: int = 4096
+    distill_steps: int = 0
+    distill_batch: int = 1
+    distill_lr: float = 1e-3
+    seed: int = 0
+    name: str = field(default="custom")
+
+    def __post_init__(self) -> None:
+        _check(self.calib_tokens >= 64, "calib_tokens", f"must be >= 64, got {self.calib_tokens}")
+        _check(self.window >= 8, "window", f"must be >= 8, got {self.window}")
+        for f in ("ranking_steps", "distill_steps"):
+            _check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
+        for f in ("ranking_batch", "distill_batch", "sensitivity_tokens"):
+            _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
+        for f in ("lr", "distill_lr", "tau"):
+            _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
+        for f in ("z_loss", "usage_loss"):
+            _check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A named preset ('quick' or 'default'), optionally with some fields overridden."""
+        if name not in _TRAIN_PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(_TRAIN_PRESETS)}")
+        return cls(**{**_TRAIN_PRESETS[name], **overrides, "name": name})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,79 @@
+"""dense model -> routed model directory, in one call.
+
+    result = adaroute.convert("smollm2-135m", ["builtin:calib"], density=0.5, output="out/routed")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaroute.config import RoutingConfig, TrainConfig
+from adaroute.routing.storage import save_routed
+from adaroute.routing.surgery import route_model
+from adaroute.training.trainer import TrainReport, train_routers
+
+
+@dataclass
+class ConvertResult:
+    model: nn.Module  # routed, eval mode
+    tokenizer: object
+    report: TrainReport
+    calibration: dict[str, Any]  # what calibration.json holds
+    directory: Path | None
+
+
+def convert(
+    model: str | nn.Module,
+    calib: list[str] | str,
+    density: float = 0.5,
+    output: str | Path | None = None,
+    preset: str = "default",
+    routing: RoutingConfig | None = None,
+    train: TrainConfig | None = None,
+    tokenizer=None,
+    base_model: str | None = None,
+) -> ConvertResult:
+    """Convert a dense model into a routed one at mean FFN ``density``.
+
+    model:      a model spec (HF dir, .gguf, alias) or an already loaded model (then pass ``tokenizer``).
+    calib:      calibration data specs (UTF-8 files or ``builtin:calib``).
+    routing / train: full configs; when omitted, ``RoutingConfig(density=density)`` and the named preset.
+    output:     directory to write (model.safetensors, config.json, tokenizer, calibration.json).
+    """
+    from adaroute.data import load_texts
+    from adaroute.models import load_model
+
+    routing = routing or RoutingConfig(density=density)
+    train = train or TrainConfig.from_name(preset)
+    if isinstance(model, str):
+        base_model = base_model or model
+        model, tokenizer = load_model(model)
+    if tokenizer is None:
+        raise ValueError("tokenizer: pass the tokenizer together with an already loaded model")
+    specs = [calib] if isinstance(calib, str) else list(calib)
+    texts = [t.text for t in load_texts(specs)]
+
+    start = time.perf_counter()
+    model.eval()
+    mods = route_model(model, group_size=routing.group_size)
+    report = train_routers(model, tokenizer, texts, mods, routing, train)
+    calibration = {
+        "data": specs,
+        "seed": train.seed,
+        "preset": train.name,
+        "train": train.to_dict(),
+        "routing": routing.to_dict(),
+        "torch_version": torch.__version__,
+        "seconds": time.perf_counter() - start,
+        **report.to_dict(),
+    }
+    directory = None
+    if output is not None:
+        directory = save_routed(model, tokenizer, output, base_model or "unknown", routing, calibration)
+    return ConvertResult(model, tokenizer, report, calibration, directory)

@@ -1,0 +1,308 @@
+"""Speed bench: decode and prefill throughput, per-token latency and memory, engines side by side.
+
+All engines run in one process and are interleaved (engine A, B, C, then A, B, C again ...) after a
+warm-up, so a machine whose load changes during the run slows every engine alike and the ratios
+between them stay meaningful. Engines:
+
+    transformers-eager   ``model.generate`` on the model as loaded (routed layers set dense)
+    adaroute-dense       the lean runtime, every FFN dense
+    adaroute-routed      the lean runtime, routed FFNs sparse while decoding (only for routed models)
+    llama.cpp            the same GGUF file through ``llama_cpp``, when that package is importable
+
+Memory: ``peak_rss_mb`` is the process's resident set at its highest while the engine ran (shared
+with the engines loaded beside it); ``engine_mb`` is what the engine itself needs: the weights it
+reads plus the highest resident growth during its runs (KV cache, activations).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+MB = 1 << 20
+
+
+@dataclass
+class Run:
+    """One timed generation: prefill wall time and each decode step's wall time."""
+
+    prompt_tokens: int
+    batch: int
+    prefill_s: float
+    step_s: list[float]
+
+
+@dataclass
+class BenchRecord:
+    engine: str
+    batch: int
+    new_tokens: int
+    decode_tokens_per_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    prefill_tokens_per_s: float
+    peak_rss_mb: float
+    engine_mb: float
+    weight_mb_per_token: float | None = None
+    density: float | None = None
+    repeats: int = 0
+    note: str = ""
+
+
+@dataclass
+class BenchEngine:
+    """An engine under test: ``generate(prompts [B lists of ids], new_tokens) -> Run``."""
+
+    name: str
+    generate: Callable[[list[list[int]], int], Run]
+    weight_bytes: int  # bytes of weights the engine holds
+    bytes_per_token: Callable[[], int | None] = lambda: None  # weight bytes read per decoded token
+    density: Callable[[], float | None] = lambda: None
+    runs: list[Run] = field(default_factory=list)
+    peak_rss: int = 0
+    growth: int = 0
+
+
+class RssSampler:
+    """Highest resident set size seen while active (sampled every few ms from /proc)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        except OSError:  # not Linux: fall back to the lifetime peak
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval_s)
+
+    @contextmanager
+    def watch(self):
+        self.peak, self._stop = self.current(), threading.Event()
+        thread = threading.Thread(target=self._loop, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self.peak = max(self.peak, self.current())
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@contextmanager
+def _dense_routing(model: nn.Module):
+    """Temporarily give every routed layer the dense policy (for the transformers baseline)."""
+    saved = [(m, m.threshold, m.min_units, m.max_units) for m in model.modules() if hasattr(m, "w_down_t")]
+    for m, *_ in saved:
+        m.threshold, m.min_units, m.max_units = float("-inf"), 0, m.w_gate.shape[0]
+    try:
+        yield
+    finally:
+        for m, threshold, lo, hi in saved:
+            m.threshold, m.min_units, m.max_units = threshold, lo, hi
+
+
+def hf_eager_engine(model: nn.Module) -> BenchEngine:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StepClock(StoppingCriteria):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    @torch.inference_mode()
+    def generate(prompts, new_tokens):
+        ids = torch.tensor(prompts)  # [B, P] (bench prompts share one length)
+        clock, start = StepClock(), time.perf_counter()
+        with _dense_routing(model):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([clock]))
+        steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+        return Run(ids.numel(), ids.shape[0], clock.times[0] - start, steps)
+
+    weights = _tensor_bytes(model.parameters())
+    return BenchEngine("transformers-eager", generate, weights, lambda: weights)
+
+
+def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None) -> BenchEngine:
+    from adaroute.runtime import Engine, ExecutionPolicy, UnitCounter, generate
+
+    policy = ExecutionPolicy() if routed else ExecutionPolicy.always_dense()
+    engine = Engine.from_model(model, kernel=kernel, policy=policy)
+    counter = UnitCounter()
+    if routed:
+        engine.counter = counter
+
+    def run(prompts, new_tokens):
+        out = generate(engine, prompts, new_tokens)
+        return Run(sum(len(p) for p in prompts), len(prompts), out.prefill_s, out.step_s)
+
+    def density():
+        return counter.density if routed and counter.slots else None
+
+    w = engine.w
+    weights = _tensor_bytes([w.embed, w.head, w.final_norm] + [t for ly in w.layers for t in _layer_tensors(ly)])
+    def bytes_per_token():
+        return sum(w.weight_bytes(density() or 1.0).values())
+
+    return BenchEngine("adaroute-routed" if routed else "adaroute-dense", run, weights, bytes_per_token, density)
+
+
+def _layer_tensors(layer) -> list[torch.Tensor]:
+    ffn = [getattr(layer.ffn, name) for name in layer.ffn.__dataclass_fields__ if name != "module"]
+    return [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.mlp_norm, *ffn]
+
+
+def llama_cpp_engine(gguf_path: str, threads: int, max_len: int) -> BenchEngine | None:
+    """llama.cpp on the GGUF file, or None when ``llama_cpp`` is not installed (never a dependency)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=max_len, n_threads=threads, n_batch=512, verbose=False)
+
+    def generate(prompts, new_tokens):
+        if len(prompts) != 1:
+            raise NotImplementedError("llama.cpp engine is run at batch 1 only")
+        start, times = time.perf_counter(), []
+        for _ in llm.generate(prompts[0], top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == new_tokens:
+                break
+        steps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        return Run(len(prompts[0]), 1, times[0] - start, steps)
+
+    import os
+
+    size = os.path.getsize(gguf_path)
+    return BenchEngine("llama.cpp", generate, size, lambda: size)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+def bench_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    """``batch`` different prompts of exactly ``length`` tokens, from Python's own documentation."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[k] for k in sorted(topics) if len(topics[k]) > 8 * length]
+    prompts = [tokenizer(texts[i % len(texts)]).input_ids[:length] for i in range(batch)]
+    if any(len(p) < length for p in prompts):
+        raise ValueError(f"could not build {batch} prompts of {length} tokens")
+    return prompts
+
+
+def run_engines(engines: Sequence[BenchEngine], prompts: list[list[int]], new_tokens: int, repeats: int = 3,
+                warmup_tokens: int = 8, progress: Callable[[str], None] | None = None) -> list[BenchRecord]:
+    """Warm every engine up, then ``repeats`` interleaved rounds; one record per engine."""
+    live = []
+    for e in engines:
+        try:
+            e.generate(prompts, warmup_tokens)
+            live.append(e)
+        except NotImplementedError as err:
+            if progress:
+                progress(f"{e.name}: skipped ({err})")
+    sampler = RssSampler()
+    for r in range(repeats):
+        for e in live:
+            if progress:
+                progress(f"round {r + 1}/{repeats}: {e.name}")
+            before = sampler.current()
+            with sampler.watch():
+                e.runs.append(e.generate(prompts, new_tokens))
+            e.peak_rss, e.growth = max(e.peak_rss, sampler.peak), max(e.growth, sampler.peak - before)
+    return [_record(e, new_tokens) for e in live]
+
+
+def _record(e: BenchEngine, new_tokens: int) -> BenchRecord:
+    steps = [s for run in e.runs for s in run.step_s]
+    batch = e.runs[0].batch
+    decode = batch * len(steps) / sum(steps)
+    prefill = sum(r.prompt_tokens for r in e.runs) / sum(r.prefill_s for r in e.runs)
+    q = statistics.quantiles(steps, n=20) if len(steps) > 1 else steps * 19
+    per_token = e.bytes_per_token()
+    return BenchRecord(
+        engine=e.name, batch=batch, new_tokens=new_tokens, decode_tokens_per_s=round(decode, 2),
+        latency_p50_ms=round(1e3 * statistics.median(steps), 2), latency_p95_ms=round(1e3 * q[18], 2),
+        prefill_tokens_per_s=round(prefill, 1), peak_rss_mb=round(e.peak_rss / MB, 1),
+        engine_mb=round((e.weight_bytes + e.growth) / MB, 1),
+        weight_mb_per_token=None if per_token is None else round(per_token / MB, 1),
+        density=None if e.density() is None else round(e.density(), 3), repeats=len(e.runs))
+
+
+def format_table(records: Sequence[BenchRecord]) -> str:
+    """A plain-text table; ``vs dense`` is decode speed relative to adaroute-dense at the same batch."""
+    dense = {r.batch: r.decode_tokens_per_s for r in records if r.engine == "adaroute-dense"}
+    head = f"{'engine':<20}{'batch':>6}{'decode tok/s':>14}{'vs dense':>10}{'p50 ms':>9}{'p95 ms':>9}" \
+           f"{'prefill tok/s':>15}{'MB/token':>10}{'engine MB':>11}{'density':>9}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        rel = f"{r.decode_tokens_per_s / dense[r.batch]:.2f}x" if r.batch in dense else "-"
+        lines.append(f"{r.engine:<20}{r.batch:>6}{r.decode_tokens_per_s:>14.1f}{rel:>10}{r.latency_p50_ms:>9.1f}"
+                     f"{r.latency_p95_ms:>9.1f}{r.prefill_tokens_per_s:>15.1f}"
+                     f"{_fmt(r.weight_mb_per_token):>10}{r.engine_mb:>11.0f}{_fmt(r.density, '.2f'):>9}")
+    return "\n".join(lines)
+
+
+def _fmt(v, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def write_json(records: Sequence[BenchRecord], path: str, meta: dict | None = None) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta or {}, "records": [asdict(r) for r in records]}, f, indent=2)
+
+
+def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int | None = None,
+                  max_len: int = 2048, kernel: str | None = None) -> list[BenchEngine]:
+    """The engines for one model: transformers eager, adaroute dense, adaroute routed when the model
+    has routed layers, and llama.cpp when a GGUF file is given and ``llama_cpp`` is importable."""
+    from adaroute.runtime.weights import is_routed_mlp
+
+    engines = [hf_eager_engine(model), runtime_engine(model, routed=False, kernel=kernel)]
+    if any(is_routed_mlp(m) for m in model.modules()):
+        engines.append(runtime_engine(model, routed=True, kernel=kernel))
+    if gguf_path:
+        cpp = llama_cpp_engine(gguf_path, threads or torch.get_num_threads(), max_len)
+        if cpp is not None:
+            engines.append(cpp)
+    return engines
+
+
+def bench_table(model: nn.Module, tokenizer, new_tokens: int = 64, batch: int = 1, prompt_tokens: int = 64,
+                repeats: int = 2, gguf_path: str | None = None) -> list[BenchRecord]:
+    """One call for a demo: every applicable engine on ``model``, interleaved; print with format_table."""
+    prompts = bench_prompts(tokenizer, batch, prompt_tokens)
+    engines = build_engines(model, gguf_path, max_len=prompt_tokens + new_tokens + 16)
+    return run_engines(engines, prompts, new_tokens, repeats)

@@ -1,0 +1,198 @@
+"""Multi-threaded CPU kernels for decode (few tokens in flight), built from ``csrc/cpu_kernels.cpp``.
+
+Shape letters:
+    T  tokens in flight        H  hidden size        M  output rows of a dense weight
+    F  FFN units               K  input length of a dense weight
+    B  sequences               S  cache slots        D  head dim        N = B*T
+
+Same interface as ``reference``. Inputs with many tokens (prefill) go to PyTorch, whose GEMM is
+compute-efficient there; the hand-written GEMV wins only while weight bytes dominate. If the library
+cannot be built, every call falls back to the reference with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from adaroute.kernels import reference
+
+NAME = "cpu"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+# Above this many tokens the weights are reused enough that PyTorch's GEMM is the better tool
+# (measured crossover: see benchmarks/crossover.py and docs/perf.md).
+MAX_GEMV_TOKENS = 16
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_I32 = ctypes.c_int
+_F32 = ctypes.c_float
+_SIGNATURES = {
+    "ar_linear": [_P, _I64, _I64, _I32, _P, _P, _P, _I64, _I32, _I32],
+    "ar_gate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _P, _I32],
+    "ar_rmsnorm": [_P, _I64, _I64, _P, _F32, _P],
+    "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
+    "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P, _I32, _I32],
+}
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    from adaroute.kernels._build import load_library  # noqa: PLC0415 (keeps import of the registry cheap)
+
+    try:
+        lib = load_library(SOURCE)
+    except Exception as err:  # any build or load failure: stay correct, only slower
+        warnings.warn(f"adaroute cpu kernels unavailable ({err}); using the reference kernels", stacklevel=3)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def is_available() -> bool:
+    return _lib() is not None
+
+
+def uses_native() -> bool:
+    """True when calls run the compiled kernels (not the reference fallback)."""
+    return _lib() is not None
+
+
+_F32_DTYPE = torch.float32
+
+
+def _fast(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """Whether the compiled path applies: float32, contiguous, on CPU, few tokens. (Runs on every
+    call, hence the plain loop: this check is a visible share of a decode step's overhead.)"""
+    if x.shape[0] > MAX_GEMV_TOKENS or x.dtype is not _F32_DTYPE or not x.is_contiguous() or x.is_cuda:
+        return False
+    for w in ws:
+        if w.dtype is not _F32_DTYPE or not w.is_contiguous():
+            return False
+    return _lib() is not None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w [M, K]^T -> [T, M]; with ``residual`` [T, M] the result is added to it in place."""
+    if not _fast(x, w) or (residual is not None and not residual.is_contiguous()):
+        return reference.linear(x, w, residual)
+    return _linear_segments(x, [w], residual)
+
+
+def linear_multi(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """Several weights sharing one input in one pass, outputs side by side: [T, sum(M_s)]."""
+    if not _fast(x, *ws):
+        return reference.linear_multi(x, ws)
+    return _linear_segments(x, ws, None)
+
+
+def _linear_segments(x, ws, residual):
+    t, k = x.shape
+    rows = [w.shape[0] for w in ws]
+    y = residual if residual is not None else torch.empty(t, sum(rows), dtype=x.dtype)  # [T, sum M]
+    n = len(ws)
+    ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in ws])
+    counts = (ctypes.c_int64 * n)(*rows)
+    _lib().ar_linear(x.data_ptr(), t, k, n, ptrs, counts, y.data_ptr(), y.shape[1],
+                     int(residual is not None), _threads())
+    return y
+
+
+def gate_up_silu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU input silu(x W_g^T) * (x W_u^T), [T, F], in one pass over both weights."""
+    if not _fast(x, w_gate, w_up):
+        return reference.gate_up_silu(x, w_gate, w_up)
+    t, k = x.shape
+    f = w_gate.shape[0]
+    h = torch.empty(t, f, dtype=x.dtype)  # [T, F]
+    _lib().ar_gate_up_silu(x.data_ptr(), t, k, w_gate.data_ptr(), w_up.data_ptr(), f, h.data_ptr(),
+                           _threads())
+    return h
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not _fast(x, weight):
+        return reference.rmsnorm(x, weight, eps)
+    out = torch.empty_like(x)  # [T, H]
+    _lib().ar_rmsnorm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def dense_ffn(x, w_gate, w_up, w_down, residual=None) -> torch.Tensor:
+    """Dense SwiGLU FFN with w_down [H, F] as stored in transformers."""
+    return linear(gate_up_silu(x, w_gate, w_up), w_down, residual)
+
+
+def unit_ffn(x, w_gate, w_up, w_down_t, mask=None, residual=None) -> torch.Tensor:
+    """Dense SwiGLU FFN in the unit-contiguous layout (w_down_t [F, H])."""
+    if mask is not None or not _routable(x, w_gate, w_up, w_down_t) or not _residual_ok(residual):
+        return reference.unit_ffn(x, w_gate, w_up, w_down_t, mask, residual)
+    empty_u8 = torch.empty(0, dtype=torch.uint8)
+    empty_f = torch.empty(0)
+    y, _ = _routed_call(x, w_gate, w_up, w_down_t, empty_u8, empty_f, empty_f, -math.inf, 0, 0, residual,
+                        all_units=True)
+    return y
+
+
+def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
+               min_units: int, max_units: int, residual=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused score -> select -> compute. Returns (y [T, H], counts [T] int64)."""
+    ok = _routable(x, w_gate, w_up, w_down_t, shadow_scale, unit_bias) and shadow_q.is_contiguous()
+    ok = ok and _group_size(x, shadow_scale) % reference.GROUP == 0
+    if not ok or not _residual_ok(residual):
+        return reference.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias,
+                                    threshold, min_units, max_units, residual)
+    return _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
+                        min_units, max_units, residual, all_units=False)
+
+
+def _routable(x, *ws) -> bool:
+    return _fast(x, *ws) and x.shape[1] % reference.GROUP == 0
+
+
+def _group_size(x, shadow_scale) -> int:
+    return x.shape[1] // max(shadow_scale.shape[1], 1) if shadow_scale.numel() else reference.GROUP
+
+
+def _residual_ok(residual) -> bool:
+    return residual is None or (residual.is_contiguous() and residual.dtype == torch.float32)
+
+
+def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units,
+                 max_units, residual, all_units: bool):
+    t, h = x.shape
+    f = w_gate.shape[0]
+    y = residual if residual is not None else torch.empty(t, h, dtype=x.dtype)  # [T, H]
+    counts = torch.empty(t, dtype=torch.int64)  # [T]
+    _lib().ar_routed_ffn(
+        x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
+        shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(), float(threshold),
+        int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
+        int(residual is not None), _threads())
+    return y, counts
+
+
+def attention(qkv, k_cache, v_cache, cos, sin, pos: int, pad: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Grouped-query attention over the cache with RoPE and the cache write fused (see reference)."""
+    b, n_kv, s_max, d = k_cache.shape
+    t = qkv.shape[0] // b
+    if not _fast(qkv, k_cache, v_cache, cos, sin) or t > MAX_GEMV_TOKENS or pos + t > s_max:
+        return reference.attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_heads)
+    if pos + t - int(pad.min()) > cos.shape[0]:
+        raise ValueError(f"position {pos + t - int(pad.min()) - 1} beyond the {cos.shape[0]} RoPE positions")
+    pad = pad.to(torch.int64).contiguous()
+    out = torch.empty(b * t, n_heads * d, dtype=qkv.dtype)  # [N, Q*D]
+    _lib().ar_attention(qkv.data_ptr(), b, t, n_heads, n_kv, d, k_cache.data_ptr(), v_cache.data_ptr(), s_max,
+                        pos, pad.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), _threads())
+    return out

@@ -1,0 +1,163 @@
+"""Reference kernels in plain PyTorch: the ground truth every fast kernel is tested against.
+
+Shape letters:
+    T  tokens in flight        H  hidden size        M  output rows of a dense weight
+    F  FFN units               G  int4 groups per row (H / GROUP)
+    B  sequences               Q  query heads        K  key/value heads
+    S  cache slots             D  head dim           N = B*T
+
+Routed FFN contract (shared with ``adaroute.routing``): a unit i is computed for token t iff
+``score[t, i] >= threshold``; if fewer than ``min_units`` pass, the top ``min_units`` by score are
+taken; then, if more than ``max_units`` remain, the top ``max_units``. The score comes from an int4
+"shadow" of the gate/up weights: ``log(|silu(g_hat) * u_hat| + 1e-20) + unit_bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "reference"
+GROUP = 32  # default int4 shadow group size along H (any size dividing H is read correctly)
+SCORE_EPS = 1e-20
+
+
+def is_available() -> bool:
+    return True
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w [M, K]^T -> [T, M]; with ``residual`` [T, M] the result is added to it in place."""
+    y = F.linear(x, w)
+    return y if residual is None else residual.add_(y)
+
+
+def linear_multi(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """Several weights sharing one input, outputs side by side: [T, sum(M_s)]."""
+    return torch.cat([F.linear(x, w) for w in ws], dim=-1)
+
+
+def gate_up_silu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU input: silu(x W_g^T) * (x W_u^T), [T, F]."""
+    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm over the last dimension, computed in float32 as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def dense_ffn(x, w_gate, w_up, w_down, residual=None) -> torch.Tensor:
+    """Dense SwiGLU FFN with w_down [H, F] as stored in transformers."""
+    return linear(gate_up_silu(x, w_gate, w_up), w_down, residual)
+
+
+def dequantize_shadow(shadow_q: torch.Tensor, shadow_scale: torch.Tensor) -> torch.Tensor:
+    """Packed int4 [R, H/2] uint8 (low nibble = even column, stored q + 8) and scales [R, G] -> [R, H]."""
+    rows, groups = shadow_q.shape[0], shadow_scale.shape[1]
+    lo = (shadow_q & 0xF).to(torch.int16) - 8  # [R, H/2] even columns
+    hi = (shadow_q >> 4).to(torch.int16) - 8  # [R, H/2] odd columns
+    q = torch.stack([lo, hi], dim=-1).reshape(rows, -1).float()  # [R, H]
+    w = q.view(rows, groups, -1) * shadow_scale.unsqueeze(-1)  # [R, G, H/G]
+    return w.reshape(rows, -1)
+
+
+def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
+    """Per-unit score [T, F] from the int4 shadow of [gate; up]."""
+    f = unit_bias.shape[0]
+    gu = F.linear(x, dequantize_shadow(shadow_q, shadow_scale))  # [T, 2F]
+    g_hat, u_hat = gu[:, :f], gu[:, f:]
+    return torch.log((F.silu(g_hat) * u_hat).abs() + SCORE_EPS) + unit_bias
+
+
+def _keep_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask [F] of the k best-scoring units among the candidate mask [F]."""
+    masked = scores.masked_fill(~candidates, float("-inf"))
+    keep = torch.zeros_like(candidates)
+    keep[torch.topk(masked, k).indices] = True
+    return keep
+
+
+def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_units: int) -> torch.Tensor:
+    """Selection mask [T, F] (bool) under the threshold + min/max policy."""
+    f = scores.shape[-1]
+    mask = scores >= threshold  # [T, F]
+    everything = torch.ones(f, dtype=torch.bool, device=scores.device)
+    for t in range(scores.shape[0]):
+        if int(mask[t].sum()) < min_units:
+            mask[t] = _keep_top(scores[t], everything, min(min_units, f))
+        if int(mask[t].sum()) > max_units:
+            mask[t] = _keep_top(scores[t], mask[t], max(max_units, 0))
+    return mask
+
+
+def unit_ffn(x, w_gate, w_up, w_down_t, mask: torch.Tensor | None = None, residual=None) -> torch.Tensor:
+    """SwiGLU FFN in the unit-contiguous layout (w_down_t [F, H]); ``mask`` [T, F] zeroes unselected units."""
+    a = gate_up_silu(x, w_gate, w_up)  # [T, F]
+    if mask is not None:
+        a = a * mask
+    y = a @ w_down_t  # [T, H]
+    return y if residual is None else residual.add_(y)
+
+
+def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
+               min_units: int, max_units: int, residual=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed FFN: returns (y [T, H], counts [T] int64 of units computed per token)."""
+    mask = select_units(router_scores(x, shadow_q, shadow_scale, unit_bias), threshold, min_units, max_units)
+    y = unit_ffn(x, w_gate, w_up, w_down_t, mask, residual)
+    return y, mask.sum(-1)
+
+
+def rope_table_lookup(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
+    """cos, sin [B, T, 1, D] for positions [B, T] from tables [positions, D]."""
+    return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]: the half-rotation form transformers' Llama uses."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def slot_positions(pos: int, t: int, pad: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, T] of cache slots pos .. pos+t-1 (left padding pad [B] not counted)."""
+    return (pos + torch.arange(t).unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)
+
+
+def attention_mask(pos: int, t: int, pad: torch.Tensor) -> torch.Tensor | None:
+    """Bool mask [B, 1, T, pos+t] (True = attend), or None when plain causal attention is exact."""
+    if not bool(pad.any()) and (t == 1 or pos == 0):
+        return None
+    keys = torch.arange(pos + t)  # [S']
+    queries = pos + torch.arange(t)  # [T]
+    causal = keys.unsqueeze(0) <= queries.unsqueeze(1)  # [T, S']
+    real = keys.unsqueeze(0) >= pad.unsqueeze(1)  # [B, S']
+    # A padding query would otherwise see no key at all (NaN rows); let it see itself.
+    itself = keys.unsqueeze(0) == queries.unsqueeze(1)  # [T, S']
+    return ((causal.unsqueeze(0) & real.unsqueeze(1)) | itself.unsqueeze(0)).unsqueeze(1)  # [B, 1, T, S']
+
+
+def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, pos: int, pad: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Grouped-query attention of T new tokens per sequence over the cache, in place.
+
+    qkv [N, (Q+2K)*D] for B left-padded sequences; caches [B, K, S, D]; cos/sin tables [positions, D].
+    RoPE is applied, the new keys/values are written to slots pos .. pos+T-1, and the output is
+    [N, Q*D]. Token t of sequence b has position pos + t - pad[b] and attends slots pad[b] .. pos + t.
+    """
+    b, n_kv, _, d = k_cache.shape
+    t = qkv.shape[0] // b
+    q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
+    rope = rope_table_lookup(cos, sin, slot_positions(pos, t, pad))
+    q = apply_rope(q.reshape(b, t, n_heads, d), *rope)  # [B, T, Q, D]
+    k = apply_rope(k.reshape(b, t, n_kv, d), *rope)  # [B, T, K, D]
+    k_cache[:, :, pos:pos + t] = k.transpose(1, 2)
+    v_cache[:, :, pos:pos + t] = v.reshape(b, t, n_kv, d).transpose(1, 2)
+    mask = attention_mask(pos, t, pad)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :pos + t], v_cache[:, :, :pos + t],
+                                         attn_mask=mask, is_causal=mask is None and t > 1,
+                                         enable_gqa=n_heads != n_kv)  # [B, Q, T, D]
+    return out.transpose(1, 2).reshape(b * t, n_heads * d)

@@ -1,0 +1,88 @@
+"""Per-layer calibration profile, and the density override built on it.
+
+A profile records, for one routed layer, the thresholds that hit each density of a grid on the
+calibration data and the layer's measured sensitivity (estimated KL) at those densities. With it a
+routed model can be moved to another mean density without calibration data: densities are
+re-allocated over layers from the stored sensitivities and thresholds are interpolated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from adaroute.routing.policy import LayerPolicy, allocate_densities
+
+PROFILE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+
+
+@dataclass
+class LayerProfile:
+    grid: list[float]  # ascending densities
+    thresholds: list[float]  # adaptive threshold hitting each grid density (-inf at 1.0)
+    cost: list[float]  # estimated KL per token when this layer alone runs at each grid density
+    density: float  # density allocated to this layer at conversion
+    policy: str  # "adaptive" or "topk"
+    min_units: int  # per-token guards
+    max_units: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["thresholds"] = [t if math.isfinite(t) else ("inf" if t > 0 else "-inf") for t in self.thresholds]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerProfile:
+        return cls(**{**d, "thresholds": [float(t) for t in d["thresholds"]]})
+
+    def threshold_at(self, density: float) -> float:
+        """Linear interpolation of the calibrated threshold at ``density``."""
+        if density >= 1.0:
+            return -math.inf
+        g, th = self.grid, self.thresholds
+        if density <= g[0]:
+            return th[0]
+        for i in range(1, len(g)):
+            if density <= g[i]:
+                if not math.isfinite(th[i]):
+                    return th[i - 1]  # between the last finite point and "everything": stay calibrated
+                w = (density - g[i - 1]) / (g[i] - g[i - 1])
+                return th[i - 1] * (1 - w) + th[i] * w
+        return th[-1]
+
+
+def layer_densities(profiles: list[LayerProfile], density: float, allocation: str, lo: float, hi: float) -> list[float]:
+    """Per-layer densities for a new global ``density`` from stored sensitivities."""
+    if allocation == "uniform" or density >= 1.0:
+        return [density] * len(profiles)
+    grid = torch.tensor(profiles[0].grid, dtype=torch.float64)
+    cost = torch.tensor([p.cost for p in profiles], dtype=torch.float64)
+    return allocate_densities(grid, cost, density, min(lo, density), max(hi, density))
+
+
+def apply_density(
+    mods, density: float, allocation: str = "sensitivity", lo: float = 0.15, hi: float = 1.0
+) -> list[float]:
+    """Move routed modules to a new mean ``density`` (the override for quick sweeps).
+
+    Returns the per-layer densities used. Raises ``ValueError`` for modules without a profile.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density: must be in (0, 1], got {density}")
+    profiles = [m.profile for m in mods]
+    if any(p is None for p in profiles):
+        raise ValueError("density: these routed layers carry no calibration profile; convert the model again")
+    per_layer = layer_densities(profiles, density, allocation, lo, hi)
+    for m, p, d in zip(mods, profiles, per_layer, strict=True):
+        m.set_policy(_policy_for(m, p, d))
+    return per_layer
+
+
+def _policy_for(m, p: LayerProfile, d: float) -> LayerPolicy:
+    if d >= 1.0:
+        return LayerPolicy.dense(m.units)
+    if p.policy == "topk":
+        return LayerPolicy.topk(max(1, round(d * m.units)))
+    return LayerPolicy(p.threshold_at(d), p.min_units, p.max_units)

@@ -1,0 +1,133 @@
+"""RoutedMLP: a drop-in replacement for a gated (SwiGLU-style) FFN that computes only the units
+its router selects, per token.
+
+Shape legend: T = tokens (all leading dims flattened), H = hidden size, F = FFN units.
+
+Weights are kept in the layout a sparse kernel reads: ``w_gate`` and ``w_up`` [F, H] (row i is
+unit i's input weights) and ``w_down_t`` [F, H] (= down_proj.weight.T, row i is unit i's output
+column), so computing a subset of units reads only the selected rows of all three.
+
+``forward`` here is the reference: it computes every unit and masks, in plain PyTorch. It defines
+the result every fast path must reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaroute.routing.policy import LayerPolicy, select_units
+from adaroute.routing.router import ShadowRouter
+
+
+class RoutedMLP(nn.Module):
+    def __init__(
+        self,
+        w_gate: torch.Tensor,
+        w_up: torch.Tensor,
+        w_down_t: torch.Tensor,
+        router: ShadowRouter,
+        act_fn: nn.Module,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        units, hidden = w_gate.shape
+        if w_up.shape != (units, hidden) or w_down_t.shape != (units, hidden):
+            raise ValueError(
+                f"weights: expected w_gate, w_up, w_down_t all [F, H] = {[units, hidden]}, got "
+                f"{list(w_up.shape)} and {list(w_down_t.shape)}"
+            )
+        self.units, self.hidden, self.layer_idx = units, hidden, layer_idx
+        # Base weights are parameters (frozen by default) so a recovery fine-tune can reach them.
+        self.w_gate = nn.Parameter(w_gate.detach().contiguous(), requires_grad=False)
+        self.w_up = nn.Parameter(w_up.detach().contiguous(), requires_grad=False)
+        self.w_down_t = nn.Parameter(w_down_t.detach().contiguous(), requires_grad=False)
+        self.router = router
+        self.act_fn = act_fn
+        self.threshold: float = -math.inf
+        self.min_units: int = 0
+        self.max_units: int = units
+        self.collector = None  # see adaroute.routing.stats; None = no statistics
+        self.soft_tau: float | None = None  # set while training: straight-through soft mask
+        self.profile = None  # LayerProfile from calibration (enables density overrides)
+
+    @classmethod
+    def from_linears(
+        cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn: nn.Module, layer_idx: int, group_size: int
+    ) -> RoutedMLP:
+        """Build from the dense FFN's three projections (bias-free, as in Llama-family models)."""
+        for name, lin in (("gate", gate), ("up", up), ("down", down)):
+            if lin.bias is not None:
+                raise ValueError(f"{name}_proj: projections with a bias are not supported")
+        # Copies, so that training the routed module never edits the original kept for undo.
+        w_gate, w_up = gate.weight.detach().clone(), up.weight.detach().clone()  # [F, H]
+        w_down_t = down.weight.detach().t().contiguous()  # [F, H]
+        router = ShadowRouter.from_weights(w_gate, w_up, w_down_t, group_size, act_fn)
+        return cls(w_gate, w_up, w_down_t, router, act_fn, layer_idx)
+
+    # -- policy ---------------------------------------------------------------------------------
+    @property
+    def policy(self) -> LayerPolicy:
+        return LayerPolicy(self.threshold, self.min_units, self.max_units)
+
+    def set_policy(self, policy: LayerPolicy) -> None:
+        self.threshold, self.min_units, self.max_units = float(policy.threshold), policy.min_units, policy.max_units
+
+    @property
+    def is_dense(self) -> bool:
+        return self.threshold == -math.inf and self.max_units >= self.units
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [T, F] -> bool mask [T, F]."""
+        return select_units(scores, self.threshold, self.min_units, self.max_units)
+
+    # -- compute --------------------------------------------------------------------------------
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense FFN with the same ops as the original module, so density 1.0 is bit-exact."""
+        h = self.act_fn(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)  # [..., F]
+        return F.linear(h, self.w_down_t.t())  # [..., H]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]; reference masked path."""
+        if self.is_dense and self.collector is None and self.soft_tau is None:
+            return self.dense_forward(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.hidden)  # [T, H]
+        scores = self.router.score(x2)  # [T, F]
+        mask = self.select(scores.detach())  # [T, F]
+        h = self.act_fn(F.linear(x2, self.w_gate)) * F.linear(x2, self.w_up)  # [T, F]
+        soft = None
+        if self.soft_tau is not None:
+            # Straight-through: the forward uses the hard mask, the gradient flows through a sigmoid
+            # around the threshold, so d loss / d score_i ~ the first-order effect of keeping unit i.
+            soft = torch.sigmoid((scores - self._soft_centre(scores)) / self.soft_tau)  # [T, F]
+            gate = mask.to(h.dtype) + soft - soft.detach()
+        else:
+            gate = mask.to(h.dtype)
+        if self.collector is not None:
+            self.collector.record(self.layer_idx, scores, mask, soft)
+        out = F.linear(h * gate, self.w_down_t.t())  # [T, H]
+        return out.reshape(*lead, self.hidden)
+
+    def _soft_centre(self, scores: torch.Tensor) -> torch.Tensor | float:
+        # Top-k and guarded tokens have no finite threshold: centre on each token's k-th score.
+        if math.isfinite(self.threshold):
+            return self.threshold
+        k = max(1, self.min_units)
+        return scores.detach().topk(min(k, self.units), dim=-1).values[:, -1:]
+
+    # -- protocol for training --------------------------------------------------------------------
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [self.router.shadow_scale, self.router.unit_bias]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        return [self.w_gate, self.w_up, self.w_down_t]
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_idx}, units={self.units}, hidden={self.hidden}, threshold={self.threshold:.4g}, "
+            f"min_units={self.min_units}, max_units={self.max_units}"
+        )

@@ -1,0 +1,108 @@
+"""The router: a per-unit contribution predictor built from an int4 shadow of gate/up.
+
+Shape legend: T = tokens, H = hidden size, F = FFN units, G = group size.
+
+A unit's hindsight contribution to the FFN output is |act(gate_i(x)) * up_i(x)| * ||W_down[:, i]||.
+The router evaluates the same formula with int4 copies of gate/up, in log space:
+
+    score[t, i] = log(|act(g_hat[t, i]) * u_hat[t, i]| + 1e-20) + unit_bias[i]
+
+``unit_bias`` starts at log ||W_down[:, i]||, so the untrained score is the log of the hindsight
+contribution estimate. Training adjusts the shadow's scales (the int4 codes stay fixed) and the
+biases; the formula itself is the contract the fast kernels implement.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaroute.routing.shadow import check_group_size, dequantize, pack_int4, quantize_int4
+
+_LOG_EPS = 1e-20
+
+
+class ShadowRouter(nn.Module):
+    """Scores FFN units for each token.
+
+    Buffers/parameters (names as in the checkpoint):
+        shadow_q      uint8   [2F, H // 2]  buffer, fixed int4 codes of [W_gate; W_up]
+        shadow_scale  float32 [2F, H // G]  parameter
+        unit_bias     float32 [F]           parameter
+    """
+
+    def __init__(self, hidden: int, units: int, group_size: int = 32, act_fn: nn.Module | None = None):
+        super().__init__()
+        check_group_size(hidden, group_size)
+        self.hidden, self.units, self.group_size = hidden, units, group_size
+        self.act_fn = act_fn if act_fn is not None else nn.SiLU()
+        self.register_buffer("shadow_q", torch.zeros(2 * units, hidden // 2, dtype=torch.uint8))
+        self.shadow_scale = nn.Parameter(torch.zeros(2 * units, hidden // group_size))
+        self.unit_bias = nn.Parameter(torch.zeros(units))
+
+    @classmethod
+    def from_weights(
+        cls,
+        w_gate: torch.Tensor,
+        w_up: torch.Tensor,
+        w_down_t: torch.Tensor,
+        group_size: int = 32,
+        act_fn: nn.Module | None = None,
+    ) -> ShadowRouter:
+        """Untrained router from the FFN weights: w_gate, w_up [F, H]; w_down_t [F, H]."""
+        units, hidden = w_gate.shape
+        router = cls(hidden, units, group_size, act_fn)
+        q, scale = quantize_int4(torch.cat([w_gate, w_up], dim=0), group_size)  # [2F, H], [2F, H/G]
+        with torch.no_grad():
+            router.shadow_q.copy_(pack_int4(q))
+            router.shadow_scale.copy_(scale)
+            router.unit_bias.copy_(w_down_t.detach().float().norm(dim=1).clamp_min(1e-12).log())
+        return router
+
+    def shadow_weight(self) -> torch.Tensor:
+        """Dequantised [W_gate_hat; W_up_hat], [2F, H]."""
+        return dequantize(self.shadow_q, self.shadow_scale)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> scores [T, F] (log of the predicted contribution)."""
+        gu = x.to(self.shadow_scale.dtype) @ self.shadow_weight().t()  # [T, 2F]
+        g_hat, u_hat = gu[:, : self.units], gu[:, self.units :]  # [T, F] each
+        return torch.log((self.act_fn(g_hat) * u_hat).abs() + _LOG_EPS) + self.unit_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)
+
+    def weight_bytes(self) -> int:
+        """Bytes read per token to score every unit: codes + scales + biases."""
+        return sum(t.numel() * t.element_size() for t in (self.shadow_q, self.shadow_scale, self.unit_bias))
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, units={self.units}, group_size={self.group_size}, bits=4"
+
+
+class OracleRouter(nn.Module):
+    """Hindsight oracle with the router interface: scores with the exact contribution.
+
+    score[t, i] = log(|act(gate_i(x_t)) * up_i(x_t)| * ||W_down[:, i]||). It reads the full weights,
+    so it is a quality ceiling for benchmarks, not a router anyone would run.
+    """
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, act_fn: nn.Module):
+        super().__init__()
+        self.units = w_gate.shape[0]
+        self.act_fn = act_fn
+        # Plain attributes (not buffers): the oracle shares the FFN's tensors and is never saved.
+        self.w_gate, self.w_up = w_gate.detach(), w_up.detach()
+        self.log_norm = w_down_t.detach().float().norm(dim=1).clamp_min(1e-12).log()  # [F]
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> scores [T, F]."""
+        h = self.act_fn(x @ self.w_gate.t()) * (x @ self.w_up.t())  # [T, F]
+        return torch.log(h.abs() + _LOG_EPS) + self.log_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)
+
+    def weight_bytes(self) -> int:
+        """It reads all of gate and up to score."""
+        return 2 * self.w_gate.numel() * self.w_gate.element_size()

@@ -1,0 +1,169 @@
+"""Routed model directory: write it, and read it back with key, shape and version checks.
+
+Layout:
+    config.json        {"adaroute": {format_version, base_model, base_config, routing, router, layers}}
+    model.safetensors  every weight of the model as the routed runtime holds it: base weights with each
+                       FFN in unit-contiguous layout (w_gate, w_up, w_down_t) plus router weights
+    tokenizer files    whatever the tokenizer's save_pretrained writes
+    calibration.json   what calibrated it (data, seed, per-layer density, usage statistics)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from adaroute.config import FORMAT_VERSION, RoutingConfig
+from adaroute.errors import AdarouteError
+from adaroute.routing.policy import LayerPolicy
+from adaroute.routing.profile import LayerProfile
+from adaroute.routing.surgery import route_model, routed_modules
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CALIBRATION = "calibration.json"
+
+
+class RoutedFormatError(AdarouteError, ValueError):
+    """A routed directory that does not match what this version reads (shown to users as one line)."""
+
+
+def save_routed(
+    model: nn.Module,
+    tokenizer,
+    directory: str | Path,
+    base_model: str,
+    routing: RoutingConfig,
+    calibration: dict[str, Any] | None = None,
+) -> Path:
+    """Write a self-contained routed model directory; returns its path."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    mods = routed_modules(model)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "base_config": model.config.to_dict(),
+        "routing": routing.to_dict(),
+        "router": {"kind": "int4_shadow", "bits": 4, "group_size": mods[0].router.group_size},
+        "layers": [_layer_entry(m) for m in mods],
+    }
+    save_file(_unique_state(model), str(out / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
+    (out / CONFIG).write_text(json.dumps({"adaroute": meta}, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if calibration is not None:
+        (out / CALIBRATION).write_text(json.dumps(calibration, indent=2) + "\n")
+    return out
+
+
+def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
+    """Read a directory written by ``save_routed`` -> (routed model in eval mode, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = Path(directory)
+    meta = read_meta(path)
+    model = build_routed(meta)
+    load_weights(model, path / WEIGHTS)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / CONFIG).read_text())["adaroute"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise RoutedFormatError(f"{path / CONFIG}: not a routed model config ({e})") from e
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RoutedFormatError(
+            f"format_version: {path} has routed format {version!r}, this adaroute reads {FORMAT_VERSION}; "
+            "convert the model again"
+        )
+    return meta
+
+
+def build_routed(meta: dict[str, Any]) -> nn.Module:
+    """An un-loaded routed model with the structure and policies described by ``meta``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(meta["base_config"])
+    config = AutoConfig.for_model(base.pop("model_type"), **base)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layers = [e["layer"] for e in meta["layers"]]
+    mods = route_model(model, group_size=int(meta["router"]["group_size"]), layers=layers)
+    for m, entry in zip(mods, meta["layers"], strict=True):
+        object.__setattr__(m, "original", None)  # a loaded model has no dense original to restore
+        m.set_policy(LayerPolicy(_float(entry["threshold"]), int(entry["min_units"]), int(entry["max_units"])))
+        m.profile = LayerProfile.from_dict(entry["profile"]) if entry.get("profile") else None
+    return model
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load ``file`` into ``model`` after checking that keys and shapes match exactly."""
+    expected = {k: tuple(v.shape) for k, v in _unique_state(model).items()}
+    with safe_open(str(file), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        problems = _mismatches(expected, found)
+        if problems:
+            raise RoutedFormatError(f"{file}: weights do not match the config: {problems}")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    untied = [k for k in missing if k not in _aliases(model)]
+    if untied:
+        raise RoutedFormatError(f"{file}: weights do not match the config: missing {untied[:5]}")
+
+
+def _mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [f"{k} {found[k]} != {expected[k]}" for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:5]}" + (f" (+{len(missing) - 5})" if len(missing) > 5 else ""))
+    if extra:
+        parts.append(f"unexpected {extra[:5]}" + (f" (+{len(extra) - 5})" if len(extra) > 5 else ""))
+    if shapes:
+        parts.append("shape " + "; ".join(shapes[:5]))
+    return ", ".join(parts)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with tied tensors stored once (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def _aliases(model: nn.Module) -> set[str]:
+    return set(model.state_dict()) - set(_unique_state(model))
+
+
+def _layer_entry(m) -> dict[str, Any]:
+    return {
+        "layer": m.layer_idx,
+        "threshold": _json_float(m.threshold),
+        "min_units": m.min_units,
+        "max_units": m.max_units,
+        "profile": m.profile.to_dict() if m.profile is not None else None,
+    }
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def _float(x: float | str) -> float:
+    return float(x)

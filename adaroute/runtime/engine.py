@@ -1,0 +1,96 @@
+"""The decode engine: one forward step of a Llama-family model over the KV cache.
+
+Shape letters:
+    B  sequences    T  new tokens per sequence    N = B*T tokens in flight
+    H  hidden       V  vocabulary                 F  FFN units
+
+Every weight-heavy product goes through a kernel from the registry (``adaroute.kernels``); the
+engine itself only wires layers together. Per forward call the execution policy decides, from the
+number of tokens in flight, whether routed FFNs run sparse (decode) or dense (prefill).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from adaroute.kernels import default_kernel, get_kernel
+from adaroute.runtime.attention import attend
+from adaroute.runtime.kv_cache import KVCache
+from adaroute.runtime.policy import ExecutionPolicy
+from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, from_model
+
+
+class UnitCounter:
+    """Units computed per routed layer, summed over the sparse calls it observed."""
+
+    def __init__(self):
+        self.units = 0  # selected units, summed over tokens and layers
+        self.slots = 0  # tokens x layer width, same sums
+
+    def add(self, counts: torch.Tensor, width: int) -> None:
+        self.units += int(counts.sum())
+        self.slots += counts.numel() * width
+
+    @property
+    def density(self) -> float:
+        return self.units / self.slots if self.slots else float("nan")
+
+
+class Engine:
+    def __init__(self, weights: ModelWeights, kernel: ModuleType | str | None = None,
+                 policy: ExecutionPolicy | None = None):
+        self.w = weights
+        self.kernel = get_kernel(kernel) if isinstance(kernel, str) else (kernel or default_kernel())
+        self.policy = policy or ExecutionPolicy()
+        self.counter: UnitCounter | None = None  # set one to measure the realised density
+
+    @classmethod
+    def from_model(cls, model: nn.Module, kernel: ModuleType | str | None = None,
+                   policy: ExecutionPolicy | None = None, max_positions: int | None = None) -> Engine:
+        return cls(from_model(model, max_positions), kernel, policy)
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        if max_len > self.w.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {self.w.max_positions} positions")
+        return KVCache(len(self.w.layers), batch, self.w.n_kv_heads, self.w.head_dim, max_len, pad)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits of the last position [B, V] (or of every position [B, T, V])."""
+        b, t = tokens.shape
+        sparse = self.policy.sparse(b * t)
+        x = self.w.embed[tokens.reshape(-1)]  # [N, H]
+        for i, layer in enumerate(self.w.layers):
+            self._layer(x, layer, i, cache, sparse)
+        cache.advance(t)
+        x = x.view(b, t, -1) if all_logits else x.view(b, t, -1)[:, -1]  # [B, (T,) H]
+        x = self.kernel.rmsnorm(x.reshape(-1, self.w.hidden).contiguous(), self.w.final_norm, self.w.eps)
+        logits = self.kernel.linear(x, self.w.head)  # [B*(T), V]
+        return logits.view(b, t, -1) if all_logits else logits
+
+    def _layer(self, x: torch.Tensor, layer: LayerWeights, i: int, cache: KVCache, sparse: bool):
+        """Updates the residual stream x [N, H] in place."""
+        k = self.kernel
+        h = k.rmsnorm(x, layer.attn_norm, self.w.eps)  # [N, H]
+        qkv = k.linear_multi(h, [layer.wq, layer.wk, layer.wv])  # [N, (Q+2K)*D]
+        k.linear(attend(k, qkv, layer, self.w, cache, i), layer.wo, residual=x)
+        h = k.rmsnorm(x, layer.mlp_norm, self.w.eps)  # [N, H]
+        self._ffn(layer.ffn, h, x, sparse)
+
+    def _ffn(self, ffn: DenseFFN | RoutedFFN, h: torch.Tensor, x: torch.Tensor, sparse: bool) -> None:
+        k = self.kernel
+        if isinstance(ffn, DenseFFN):
+            k.dense_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down, residual=x)
+            return
+        threshold, min_units, max_units = ffn.policy()
+        units = ffn.w_gate.shape[0]
+        if not sparse or (threshold == float("-inf") and max_units >= units):
+            k.unit_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, residual=x)
+            return
+        _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
+                                 ffn.unit_bias, threshold, min_units, max_units, residual=x)
+        if self.counter is not None:
+            self.counter.add(counts, units)

@@ -1,0 +1,180 @@
+"""The runtime's view of a Llama-family model: plain tensors per layer, no modules, no copies.
+
+Shape letters:
+    H  hidden size       F  FFN units          V  vocabulary
+    Q  query heads       K  key/value heads    D  head dim
+
+Weights are read through the architecture adapter and shared with the loaded model (views, not
+copies), so building an engine costs no memory beyond the KV cache. A layer whose FFN is a routed
+module keeps a handle on that module: its policy (threshold, guards) is read at call time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DenseFFN:
+    w_gate: torch.Tensor  # [F, H]
+    w_up: torch.Tensor  # [F, H]
+    w_down: torch.Tensor  # [H, F]
+
+
+@dataclass(frozen=True)
+class RoutedFFN:
+    """Tensors in the unit-contiguous layout plus the module that owns the selection policy."""
+
+    w_gate: torch.Tensor  # [F, H]
+    w_up: torch.Tensor  # [F, H]
+    w_down_t: torch.Tensor  # [F, H]
+    shadow_q: torch.Tensor  # [2F, H/2] uint8
+    shadow_scale: torch.Tensor  # [2F, H/G]
+    unit_bias: torch.Tensor  # [F]
+    module: nn.Module
+
+    def policy(self) -> tuple[float, int, int]:
+        m = self.module
+        return float(m.threshold), int(m.min_units), int(m.max_units)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    wq: torch.Tensor  # [Q*D, H]
+    wk: torch.Tensor  # [K*D, H]
+    wv: torch.Tensor  # [K*D, H]
+    wo: torch.Tensor  # [H, Q*D]
+    qkv_bias: torch.Tensor | None  # [(Q+2K)*D] (Qwen2 has one, Llama does not)
+    q_norm: torch.Tensor | None  # [D] per-head RMSNorm before RoPE (Qwen3)
+    k_norm: torch.Tensor | None  # [D]
+    mlp_norm: torch.Tensor  # [H]
+    ffn: DenseFFN | RoutedFFN
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [H]
+    head: torch.Tensor  # [V, H] (the embedding itself when tied)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    rope_cos: torch.Tensor  # [S, D]
+    rope_sin: torch.Tensor  # [S, D]
+
+    @property
+    def hidden(self) -> int:
+        return self.embed.shape[1]
+
+    @property
+    def max_positions(self) -> int:
+        return self.rope_cos.shape[0]
+
+    @property
+    def routed(self) -> bool:
+        return any(isinstance(layer.ffn, RoutedFFN) for layer in self.layers)
+
+    def weight_bytes(self, density: float = 1.0) -> dict[str, int]:
+        """Bytes of weights read to decode one token, by part; routed FFNs at ``density``."""
+        return weight_bytes(self, density)
+
+
+def is_routed_mlp(mlp: nn.Module) -> bool:
+    """Duck-typed: anything with the routed layout and a router (see adaroute.routing.RoutedMLP)."""
+    return hasattr(mlp, "w_down_t") and hasattr(mlp, "router") and hasattr(mlp, "threshold")
+
+
+def from_model(model: nn.Module, max_positions: int | None = None) -> ModelWeights:
+    """Collect a loaded transformers Llama-family model's weights (shared, float32, contiguous)."""
+    from adaroute.models import adapter_for  # noqa: PLC0415 (models pulls in transformers)
+
+    adapter = adapter_for(model)
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    layers = [_layer(adapter, model, i) for i in range(adapter.num_layers(model))]
+    embed = _t(_path(model, adapter.embed).weight)
+    head = _t(_path(model, adapter.head).weight)
+    limit = max_positions or cfg.max_position_embeddings
+    cos, sin = _rope_table(model, limit, head_dim)
+    return ModelWeights(embed=embed, layers=layers, final_norm=_t(_path(model, adapter.final_norm).weight),
+                        head=head, n_heads=n_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", n_heads),
+                        head_dim=head_dim, eps=float(cfg.rms_norm_eps), rope_cos=cos, rope_sin=sin)
+
+
+def _layer(adapter, model: nn.Module, i: int) -> LayerWeights:
+    q, k, v, o = adapter.attn_linears(model, i)
+    attn_norm, mlp_norm = adapter.norms(model, i)
+    attn = adapter.get_attention(model, i)
+    q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    biases = [lin.bias for lin in (q, k, v)]
+    qkv_bias = torch.cat([_t(b) for b in biases]) if all(b is not None for b in biases) else None
+    if o.bias is not None:
+        raise ValueError(f"layer {i}: an output projection with a bias is not supported by the runtime")
+    return LayerWeights(attn_norm=_t(attn_norm.weight), wq=_t(q.weight), wk=_t(k.weight), wv=_t(v.weight),
+                        wo=_t(o.weight), qkv_bias=qkv_bias, q_norm=_opt(q_norm), k_norm=_opt(k_norm),
+                        mlp_norm=_t(mlp_norm.weight),
+                        ffn=_ffn(adapter, adapter.get_mlp(model, i)))
+
+
+def _ffn(adapter, mlp: nn.Module) -> DenseFFN | RoutedFFN:
+    if is_routed_mlp(mlp):
+        r = mlp.router
+        return RoutedFFN(_t(mlp.w_gate), _t(mlp.w_up), _t(mlp.w_down_t), _t(r.shadow_q), _t(r.shadow_scale),
+                         _t(r.unit_bias), mlp)
+    gate, up, down = adapter.gate_up_down(mlp)
+    if gate is None:
+        raise ValueError("the runtime needs a gated (SwiGLU) FFN")
+    return DenseFFN(_t(gate.weight), _t(up.weight), _t(down.weight))
+
+
+def _t(p: torch.Tensor) -> torch.Tensor:
+    """A detached contiguous view (a copy only when the storage is not contiguous or not float32/uint8)."""
+    t = p.detach()
+    if t.dtype not in (torch.float32, torch.uint8):
+        t = t.float()
+    return t.contiguous()
+
+
+def _opt(norm: nn.Module | None) -> torch.Tensor | None:
+    return None if norm is None else _t(norm.weight)
+
+
+def _path(model: nn.Module, dotted: str):
+    obj = model
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+@torch.no_grad()
+def _rope_table(model: nn.Module, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, D] from the model's own rotary module, so every RoPE scaling variant is honoured."""
+    rotary = model.model.rotary_emb
+    pos = torch.arange(positions).unsqueeze(0)  # [1, S]
+    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+    cos, sin = rotary(probe, pos)  # [1, S, D]
+    return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
+def weight_bytes(w: ModelWeights, density: float = 1.0) -> dict[str, int]:
+    """Bytes read per decoded token: attention projections, FFN (with router), head."""
+    def nbytes(*ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    attn = sum(nbytes(ly.wq, ly.wk, ly.wv, ly.wo) for ly in w.layers)
+    ffn = router = 0
+    for ly in w.layers:
+        f = ly.ffn
+        if isinstance(f, RoutedFFN):
+            ffn += int(density * nbytes(f.w_gate, f.w_up, f.w_down_t))
+            router += nbytes(f.shadow_q, f.shadow_scale, f.unit_bias)
+        else:
+            ffn += nbytes(f.w_gate, f.w_up, f.w_down)
+    return {"attention": attn, "ffn": ffn, "router": router, "head": nbytes(w.head)}

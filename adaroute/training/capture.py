@@ -1,0 +1,112 @@
+"""Calibration capture: tokenise calibration text into windows and record each routed layer's
+dense FFN inputs (and, for sensitivity, the gradient of the model's log-likelihood at each FFN
+output).
+
+Shape legend: N = captured tokens, W = window length, H = hidden size, L = routed layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaroute.routing.routed_mlp import RoutedMLP
+
+
+def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int) -> torch.Tensor:
+    """Concatenate ``texts``, tokenise, cut into [B, W] non-overlapping windows (at most ``max_tokens``)."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(ids) >= max_tokens:
+            break
+    usable = min(len(ids), max_tokens) // window * window
+    if usable == 0:
+        raise ValueError(f"calib: the calibration text has {len(ids)} tokens, fewer than one window of {window}")
+    return torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, window)  # [B, W]
+
+
+@dataclass
+class Capture:
+    """Dense FFN inputs per routed layer, x[l] [N, H], in window order."""
+
+    inputs: list[torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return self.inputs[0].shape[0]
+
+
+@contextmanager
+def _record_inputs(mods: list[RoutedMLP], sink: list[list[torch.Tensor]]) -> Iterator[None]:
+    # A forward pre-hook is the least intrusive way to observe a module's input.
+    def keep(i):
+        def hook(_m, args):
+            sink[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))  # [W, H]
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(mods)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, mods: list[RoutedMLP], windows: torch.Tensor, desc: str = "capture") -> Capture:
+    """Run ``windows`` [B, W] through ``model`` and keep every routed layer's FFN input."""
+    sink: list[list[torch.Tensor]] = [[] for _ in mods]
+    with _record_inputs(mods, sink):
+        for w in tqdm(windows, desc=desc, unit="win", leave=False):
+            model(input_ids=w[None], use_cache=False)
+    return Capture([torch.cat(s) for s in sink])
+
+
+def fisher_gradients(
+    model: nn.Module, mods: list[RoutedMLP], windows: torch.Tensor, seed: int, desc: str = "sensitivity"
+) -> tuple[Capture, list[torch.Tensor]]:
+    """FFN inputs and d log p(y) / d FFN-output per layer, with y sampled from the model itself.
+
+    With y drawn from the model's own prediction, E[g g^T] is the Fisher information, so for a
+    perturbation e of one FFN output, 0.5 * E[(g . e)^2] is the second-order KL(dense || perturbed).
+    Returns (inputs, grads) with grads[l] [N, H].
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sink: list[list[torch.Tensor]] = [[] for _ in mods]
+    grads: list[list[torch.Tensor]] = [[] for _ in mods]
+    outs: list[torch.Tensor] = [None] * len(mods)  # type: ignore[list-item]
+
+    def keep_out(i):
+        def hook(_m, _args, out):
+            out.retain_grad()
+            outs[i] = out
+        return hook
+
+    def need_grad(_m, args):
+        # Frozen models produce inputs without grad; the gradient at the output still needs a graph.
+        x = args[0]
+        return (x if x.requires_grad else x.detach().requires_grad_(), *args[1:])
+
+    handles = [m.register_forward_hook(keep_out(i)) for i, m in enumerate(mods)]
+    handles += [m.register_forward_pre_hook(need_grad) for m in mods]
+    try:
+        with _record_inputs(mods, sink):
+            for w in tqdm(windows, desc=desc, unit="win", leave=False):
+                logits = model(input_ids=w[None], use_cache=False).logits[0]  # [W, V]
+                logp = F.log_softmax(logits.float(), dim=-1)
+                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)  # [W, 1]
+                logp.gather(1, y).sum().backward()
+                for i, o in enumerate(outs):
+                    grads[i].append(o.grad.detach().reshape(-1, o.shape[-1]))
+                model.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return Capture([torch.cat(s) for s in sink]), [torch.cat(g) for g in grads]

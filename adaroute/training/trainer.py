@@ -1,0 +1,176 @@
+"""Router training on calibration text, from a model whose FFNs are already RoutedMLPs:
+
+    windows -> sensitivity (one forward+backward) -> per-layer density allocation
+            -> capture dense FFN inputs -> per-layer ranking fit -> threshold calibration
+            -> optional end-to-end distillation -> re-calibration -> statistics
+
+Shape legend: N = captured tokens, H = hidden size, F = FFN units, L = routed layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaroute.config import RoutingConfig, TrainConfig
+from adaroute.routing.policy import LayerPolicy, allocate_densities, calibrate_thresholds, guard_units
+from adaroute.routing.profile import PROFILE_GRID, LayerProfile
+from adaroute.routing.routed_mlp import RoutedMLP
+from adaroute.routing.stats import RoutingStats
+from adaroute.training.capture import capture_inputs, fisher_gradients, token_windows
+from adaroute.training.distill import distill
+from adaroute.training.losses import oracle_rate
+from adaroute.training.ranking import FitTerms, contribution_energy, fit_layer, hard_dropped_energy
+from adaroute.training.sensitivity import DEFAULT_GRID, cost_table
+
+
+@dataclass
+class TrainReport:
+    """What calibration produced; written to calibration.json."""
+
+    layer_density: list[float]
+    sensitivity: list[list[float]]
+    grid: list[float]
+    calib_stats: dict[str, Any]
+    dropped_energy: dict[str, list[float]]
+    distill_loss: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def train_routers(
+    model: nn.Module, tokenizer, texts: list[str], mods: list[RoutedMLP], routing: RoutingConfig, train: TrainConfig
+) -> TrainReport:
+    """Fit and calibrate the routers of ``mods`` in place; returns a report for calibration.json."""
+    seed_everything(train.seed)
+    clock: dict[str, float] = {}
+    windows = token_windows(tokenizer, texts, train.window, train.calib_tokens)  # [B, W]
+    _set_guards(mods, routing)
+    t = time.perf_counter()
+    n_sens = max(1, min(len(windows), train.sensitivity_tokens // train.window))
+    sens_cap, grads = fisher_gradients(model, mods, windows[:n_sens], train.seed)
+    clock["sensitivity_pass"] = time.perf_counter() - t
+    inputs = sens_cap.inputs
+    if n_sens < len(windows):
+        rest = capture_inputs(model, mods, windows[n_sens:]).inputs
+        inputs = [torch.cat([a, b]) for a, b in zip(inputs, rest, strict=True)]
+    clock["capture"] = time.perf_counter() - t - clock["sensitivity_pass"]
+
+    t = time.perf_counter()
+    costs = cost_table(mods, sens_cap.inputs, grads)
+    densities = _allocate(costs, routing, len(mods))
+    clock["allocation"] = time.perf_counter() - t
+    del grads
+
+    t = time.perf_counter()
+    held = _holdout_split(inputs[0].shape[0])
+    before = [hard_dropped_energy(m, x[held:], d) for m, x, d in zip(mods, inputs, densities, strict=True)]
+    _fit_all(mods, inputs, densities, train, held)
+    after = [hard_dropped_energy(m, x[held:], d) for m, x, d in zip(mods, inputs, densities, strict=True)]
+    clock["ranking_fit"] = time.perf_counter() - t
+
+    calibrate(mods, inputs, densities, costs, routing)
+    distill_loss: list[float] = []
+    if train.distill_steps:
+        t = time.perf_counter()
+        distill_loss = _distill(model, mods, windows, inputs, densities, train)
+        calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
+        clock["distill"] = time.perf_counter() - t
+    stats = stats_on_inputs(mods, inputs)
+    return TrainReport(
+        layer_density=densities,
+        sensitivity=costs.tolist(),
+        grid=list(DEFAULT_GRID),
+        calib_stats=summarise_stats(stats),
+        dropped_energy={"untrained": before, "trained": after},
+        distill_loss=distill_loss,
+        seconds=clock,
+        tokens=inputs[0].shape[0],
+    )
+
+
+def _set_guards(mods: list[RoutedMLP], routing: RoutingConfig) -> None:
+    for m in mods:
+        lo, hi = guard_units(m.units, routing.min_density, routing.max_density)
+        m.set_policy(LayerPolicy(m.threshold, lo, hi))
+
+
+def _allocate(costs: torch.Tensor, routing: RoutingConfig, layers: int) -> list[float]:
+    if routing.allocation == "uniform" or routing.density >= 1.0:
+        return [routing.density] * layers
+    grid = torch.tensor(DEFAULT_GRID, dtype=torch.float64)
+    return allocate_densities(grid, costs, routing.density, routing.layer_min_density, routing.layer_max_density)
+
+
+def _holdout_split(n: int) -> int:
+    """Index from which captured tokens are kept out of the fit (to report held-out dropped energy)."""
+    return max(1, int(n * 0.9))
+
+
+def _fit_all(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list[float], train: TrainConfig,
+             held: int) -> None:
+    if train.ranking_steps == 0:
+        return
+    gen = torch.Generator().manual_seed(train.seed)
+    terms = FitTerms(train.z_loss, train.usage_loss, train.tau)
+    for m, x, d in tqdm(list(zip(mods, inputs, densities, strict=True)), desc="router fit", unit="layer",
+                        leave=False):
+        if d < 1.0:
+            fit_layer(m, x[:held], d, train.ranking_steps, train.ranking_batch, train.lr, terms, gen)
+
+
+def _distill(model, mods, windows, inputs, densities, train: TrainConfig) -> list[float]:
+    targets = {}
+    for m, x, d in zip(mods, inputs, densities, strict=True):
+        if d < 1.0:
+            targets[m.layer_idx] = oracle_rate(contribution_energy(m, x[:4096]), d)  # [F]
+    return distill(model, mods, windows, targets, train.distill_steps, train.distill_lr, train.tau,
+                   train.z_loss, train.usage_loss)
+
+
+def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list[float], costs: torch.Tensor,
+              routing: RoutingConfig) -> None:
+    """Set each layer's policy to hit its density on the captured inputs, and store its profile."""
+    grid = list(PROFILE_GRID)
+    for m, x, d, cost in zip(mods, inputs, densities, costs.tolist(), strict=True):
+        lo, hi = guard_units(m.units, routing.min_density, routing.max_density)
+        with torch.no_grad():
+            scores = m.router.score(x)  # [N, F]
+        thresholds = calibrate_thresholds(scores, [*grid, d], lo, hi)
+        m.profile = LayerProfile(grid, thresholds[:-1], cost, d, routing.policy, lo, hi)
+        if d >= 1.0:
+            m.set_policy(LayerPolicy.dense(m.units))
+        elif routing.policy == "topk":
+            m.set_policy(LayerPolicy.topk(max(1, round(d * m.units))))
+        else:
+            m.set_policy(LayerPolicy(thresholds[-1], lo, hi))
+
+
+def stats_on_inputs(mods: list[RoutedMLP], inputs: list[torch.Tensor]) -> RoutingStats:
+    """Selection statistics of the calibrated policy on captured inputs (no model forward needed)."""
+    stats = RoutingStats()
+    with torch.no_grad():
+        for m, x in zip(mods, inputs, strict=True):
+            stats.record(m.layer_idx, None, m.select(m.router.score(x)))
+    return stats
+
+
+def summarise_stats(stats: RoutingStats) -> dict[str, Any]:
+    return {
+        "mean_density": stats.mean_density(),
+        "layer_density": list(stats.layer_density().values()),
+        "units_per_token": stats.units_per_token(),
+        "unit_usage": stats.unit_usage_summary(),
+    }

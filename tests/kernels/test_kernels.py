@@ -1,0 +1,127 @@
+"""Fast kernels against the reference on random inputs and random unit sets.
+
+Scores near the threshold can legitimately land on either side under a different summation order,
+so thresholds are placed in the middle of a wide gap between neighbouring scores.
+"""
+
+import math
+
+import pytest
+import torch
+
+from adaroute.kernels import get_kernel, known_kernels, reference
+
+H, F = 64, 96  # tiny layer; H a multiple of the int4 group
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    kernel = get_kernel("cpu")
+    if not kernel.uses_native():
+        pytest.skip("cpu kernels could not be built here")
+    return kernel
+
+
+def routed_tensors(seed: int, h: int = H, f: int = F, group: int = 32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w_gate": torch.randn(f, h, generator=g) / math.sqrt(h),
+        "w_up": torch.randn(f, h, generator=g) / math.sqrt(h),
+        "w_down_t": torch.randn(f, h, generator=g) / math.sqrt(f),
+        "shadow_q": torch.randint(0, 256, (2 * f, h // 2), dtype=torch.uint8, generator=g),
+        "shadow_scale": torch.rand(2 * f, h // group, generator=g) * 0.05 + 0.01,
+        "unit_bias": torch.randn(f, generator=g) * 0.3,
+    }
+
+
+def gap_threshold(scores: torch.Tensor, density: float) -> float:
+    """A threshold near the density quantile of the scores [T, F], centred in a wide gap."""
+    flat = scores.flatten().sort().values
+    k = int((1 - density) * (flat.numel() - 1))
+    lo, hi = max(1, k - 10), min(flat.numel() - 1, k + 10)
+    gaps = flat[lo:hi + 1] - flat[lo - 1:hi]
+    j = lo + int(gaps.argmax())
+    return float((flat[j - 1] + flat[j]) / 2)
+
+
+def test_unknown_kernel_is_a_loud_error():
+    with pytest.raises(ValueError, match="known kernels"):
+        get_kernel("nope")
+    assert {"reference", "cpu"} <= set(known_kernels())
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 9])
+def test_dense_helpers_match_reference(cpu, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g)
+    w1, w2, w3 = (torch.randn(m, H, generator=g) for m in (37, 8, 64))
+    torch.testing.assert_close(cpu.linear(x, w1), reference.linear(x, w1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.linear_multi(x, [w1, w2]), reference.linear_multi(x, [w1, w2]))
+    torch.testing.assert_close(cpu.gate_up_silu(x, w1, w1), reference.gate_up_silu(x, w1, w1))
+    torch.testing.assert_close(cpu.rmsnorm(x, w3[0], 1e-5), reference.rmsnorm(x, w3[0], 1e-5))
+    res = torch.randn(tokens, 64, generator=g)
+    torch.testing.assert_close(cpu.linear(x, w3, residual=res.clone()), reference.linear(x, w3, res.clone()))
+
+
+def test_odd_input_length_uses_masked_tail(cpu):
+    x, w = torch.randn(2, 50), torch.randn(7, 50)
+    torch.testing.assert_close(cpu.linear(x, w), reference.linear(x, w))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4, 6])
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
+def test_routed_ffn_matches_reference(cpu, tokens, density):
+    t = routed_tensors(seed=tokens)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(100 + tokens))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    thr = {0.0: math.inf, 1.0: -math.inf}.get(density) or gap_threshold(scores, density)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
+    y, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
+    assert n.tolist() == n_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("min_units", "max_units"), [(10, F), (0, 7), (30, 20), (F + 5, F)])
+def test_routed_guards_match_reference(cpu, min_units, max_units):
+    t = routed_tensors(seed=7)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(3))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    thr = gap_threshold(scores, 0.4)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=min_units, max_units=max_units)
+    y, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=min_units, max_units=max_units)
+    assert n.tolist() == n_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_routed_with_larger_scale_groups(cpu):
+    t = routed_tensors(seed=11, group=64)
+    x = torch.randn(2, H)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=-1.0, min_units=5, max_units=60)
+    y, n = cpu.routed_ffn(x, **t, threshold=-1.0, min_units=5, max_units=60)
+    assert n.tolist() == n_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_full_set_equals_dense_ffn(cpu):
+    t = routed_tensors(seed=5)
+    x = torch.randn(2, H)
+    dense = reference.dense_ffn(x, t["w_gate"], t["w_up"], t["w_down_t"].t().contiguous())
+    y, n = cpu.routed_ffn(x, **t, threshold=-math.inf, min_units=0, max_units=F)
+    assert n.tolist() == [F, F]
+    torch.testing.assert_close(y, dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cpu.unit_ffn(x, t["w_gate"], t["w_up"], t["w_down_t"]), dense, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_is_accumulated_in_place(cpu):
+    t = routed_tensors(seed=9)
+    x = torch.randn(1, H)
+    res = torch.randn(1, H)
+    expect = res + reference.routed_ffn(x, **t, threshold=-0.5, min_units=0, max_units=F)[0]
+    out, _ = cpu.routed_ffn(x, **t, threshold=-0.5, min_units=0, max_units=F, residual=res)
+    assert out.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_many_tokens_fall_back_to_reference(cpu):
+    x, w = torch.randn(cpu.MAX_GEMV_TOKENS + 1, H), torch.randn(5, H)
+    torch.testing.assert_close(cpu.linear(x, w), reference.linear(x, w))

@@ -1,0 +1,59 @@
+"""convert(): dense directory -> routed directory -> load -> compare with dense."""
+
+from pydoc_data.topics import topics
+
+import pytest
+import torch
+
+from adaroute.config import RoutingConfig, TrainConfig
+from adaroute.convert import convert
+from adaroute.routing import RoutedMLP
+from adaroute.routing.quality import compare_with_dense
+from tests.fixtures import write_hf_dir
+
+TRAIN = TrainConfig(calib_tokens=1024, window=64, ranking_steps=5, ranking_batch=256, sensitivity_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    write_hf_dir(root / "dense")
+    calib = root / "calib.txt"
+    calib.write_text("\n\n".join(topics[k] for k in ("class", "assignment", "import")))
+    out = root / "routed"
+    result = convert(str(root / "dense"), [str(calib)], output=out, train=TRAIN,
+                     routing=RoutingConfig(density=0.5, layer_min_density=0.2))
+    return result, out
+
+
+def test_directory_is_self_contained_and_loads_routed(converted):
+    from adaroute import load_model
+
+    result, out = converted
+    for name in ("model.safetensors", "config.json", "calibration.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    model, tok = load_model(str(out))
+    assert all(isinstance(l.mlp, RoutedMLP) for l in model.model.layers)
+    ids = tok("def f(x): return x", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, result.model(ids).logits)
+
+
+def test_compare_with_dense_reports_quality_and_cost(converted):
+    result, _ = converted
+    text = topics["lambda"] + topics["while"]
+    r = compare_with_dense(result.model, result.tokenizer, text, window=64, max_tokens=256)
+    assert r["perplexity_ratio"] > 0 and 0 <= r["top1_agreement"] <= 1
+    assert 0.2 < r["mean_density"] < 0.8
+    assert r["ffn_bytes_share"] == pytest.approx(r["mean_density"] + r["router_bytes_share"])
+    assert r["units_per_token"]["std"] > 0
+    dense = compare_with_dense(result.model, result.tokenizer, text, window=64, max_tokens=256, density=1.0)
+    assert dense["perplexity_ratio"] == 1.0 and dense["top1_agreement"] == 1.0
+    assert dense["ffn_bytes_share"] == 1.0
+
+
+def test_calibration_record(converted):
+    result, _ = converted
+    cal = result.calibration
+    assert cal["seed"] == 0 and len(cal["layer_density"]) == 2
+    assert abs(cal["calib_stats"]["mean_density"] - 0.5) < 0.01
