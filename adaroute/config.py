@@ -74,22 +74,10 @@ class RoutingConfig:
 
 
 _TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # Demo preset: a small calibration sample, short ranking fit, a short distillation pass.
-    "quick": dict(
-        calib_tokens=8192,
-        window=256,
-        ranking_steps=100,
-        sensitivity_tokens=1024,
-        distill_steps=0,
-    ),
-    # Default preset: sized to finish in under ~15 minutes on 2 CPU cores for the embedded model.
-    "default": dict(
-        calib_tokens=24576,
-        window=512,
-        ranking_steps=300,
-        sensitivity_tokens=4096,
-        distill_steps=0,
-    ),
+    # Demo preset: a small calibration sample; activation-aware shadow, measured allocation.
+    "quick": dict(calib_tokens=4096, window=512, sensitivity_tokens=1024, ranking_steps=0, distill_steps=0),
+    # Default preset: sized to finish within ~15 minutes on 2 CPU cores for the embedded model.
+    "default": dict(calib_tokens=16384, window=512, sensitivity_tokens=2048, ranking_steps=0, distill_steps=0),
 }
 
 
@@ -103,6 +91,8 @@ class TrainConfig:
     ranking_batch:      tokens per ranking step.
     lr:                 Adam learning rate for router scales and unit biases.
     z_loss / usage_loss: weights of the router z-loss and the unit-usage term.
+    shadow_fit:         "gptq" re-chooses the router's int4 codes for the calibration inputs (activation-
+                        aware); "rtn" keeps round-to-nearest codes from the weights alone.
     tau:                temperature (score units, i.e. log-contribution) of the soft mask.
     sensitivity_tokens: tokens used to measure per-layer loss sensitivity (for density allocation).
     distill_steps:      end-to-end distillation steps, KL(dense || routed), routers in the loop.
@@ -119,6 +109,7 @@ class TrainConfig:
     z_loss: float = 1e-4
     usage_loss: float = 1.0
     tau: float = 0.5
+    shadow_fit: str = "gptq"
     sensitivity_tokens: int = 4096
     distill_steps: int = 0
     distill_batch: int = 1
@@ -135,6 +126,7 @@ class TrainConfig:
             _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
         for f in ("lr", "distill_lr", "tau"):
             _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
+        _check(self.shadow_fit in ("gptq", "rtn"), "shadow_fit", f"must be 'gptq' or 'rtn', got {self.shadow_fit!r}")
         for f in ("z_loss", "usage_loss"):
             _check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
 

@@ -142,7 +142,7 @@ def hf_eager_engine(model: nn.Module) -> BenchEngine:
 
     @torch.inference_mode()
     def generate(prompts, new_tokens):
-        ids = torch.tensor(prompts)  # [B, P] (bench prompts share one length)
+        ids = torch.tensor(prompts, device=model.device)  # [B, P] (bench prompts share one length)
         clock, start = StepClock(), time.perf_counter()
         with _dense_routing(model):
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -155,7 +155,7 @@ def hf_eager_engine(model: nn.Module) -> BenchEngine:
     return BenchEngine("transformers-eager", generate, weights, lambda: weights)
 
 
-def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None) -> BenchEngine:
+def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None, name: str | None = None) -> BenchEngine:
     from adaroute.runtime import Engine, ExecutionPolicy, UnitCounter, generate
 
     policy = ExecutionPolicy() if routed else ExecutionPolicy.always_dense()
@@ -176,7 +176,8 @@ def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None) ->
     def bytes_per_token():
         return sum(w.weight_bytes(density() or 1.0).values())
 
-    return BenchEngine("adaroute-routed" if routed else "adaroute-dense", run, weights, bytes_per_token, density)
+    name = name or ("adaroute-routed" if routed else "adaroute-dense")
+    return BenchEngine(name, run, weights, bytes_per_token, density)
 
 
 def _layer_tensors(layer) -> list[torch.Tensor]:
@@ -227,6 +228,7 @@ def run_engines(engines: Sequence[BenchEngine], prompts: list[list[int]], new_to
     """Warm every engine up, then ``repeats`` interleaved rounds; one record per engine."""
     live = []
     for e in engines:
+        e.runs, e.peak_rss, e.growth = [], 0, 0
         try:
             e.generate(prompts, warmup_tokens)
             live.append(e)

@@ -14,7 +14,7 @@ from types import ModuleType
 _KERNELS = {
     "reference": "adaroute.kernels.reference",
     "cpu": "adaroute.kernels.cpu",
-    "cuda": "adaroute.kernels.cuda",
+    "triton": "adaroute.kernels.triton_gpu",
 }
 
 
@@ -32,6 +32,6 @@ def get_kernel(name: str) -> ModuleType:
 def default_kernel(device: str = "cpu") -> ModuleType:
     """The fastest kernel available for ``device``."""
     if device.startswith("cuda"):
-        return get_kernel("cuda")
+        return get_kernel("triton")
     kernel = get_kernel("cpu")
     return kernel if kernel.is_available() else get_kernel("reference")

@@ -1,7 +1,8 @@
 """Builds a kernel source into a shared library on first use and caches it on disk.
 
 The library is compiled for the machine it runs on (``-march=native``), so the cache key covers the
-source, the flags, the compiler and the CPU. ``ADAROUTE_EXT_DIR`` overrides the cache location.
+source, the flags, the compiler and the CPU. ``ADAROUTE_EXT_DIR`` overrides the cache location;
+``ADAROUTE_NATIVE=0`` builds for the baseline instruction set (the portable, non-AVX-512 code).
 """
 
 from __future__ import annotations
@@ -37,22 +38,29 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
-def _key(source: Path, compiler: str) -> str:
-    h = hashlib.sha256(source.read_bytes())
-    h.update(" ".join(FLAGS + NATIVE).encode())
+def _arch() -> list[str]:
+    return [] if os.environ.get("ADAROUTE_NATIVE") == "0" else NATIVE
+
+
+def _key(files: list[Path], compiler: str) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(" ".join(FLAGS + _arch()).encode())
     h.update(compiler.encode())
     h.update(_cpu_signature().encode())
     return h.hexdigest()[:16]
 
 
-def _compile(compiler: str, source: Path, target: Path) -> None:
+def _compile(compiler: str, sources: list[Path], target: Path) -> None:
     """Compiles into a temporary file and renames it, so concurrent first uses never see half a library."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        for arch in (NATIVE, []):  # a compiler without -march=native still gets a portable build
-            cmd = [compiler, *FLAGS, *arch, str(source), "-o", tmp]
+        for arch in dict.fromkeys(((*_arch(),), ())):  # without -march=native: still a portable build
+            cmd = [compiler, *FLAGS, *arch, *map(str, sources), "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode == 0:
                 os.replace(tmp, target)
@@ -63,12 +71,13 @@ def _compile(compiler: str, source: Path, target: Path) -> None:
             os.unlink(tmp)
 
 
-def load_library(source: Path) -> ctypes.CDLL:
-    """Returns the compiled library for ``source``, building it if the cache has none; raises on failure."""
+def load_library(name: str, sources: list[Path], headers: list[Path] = ()) -> ctypes.CDLL:
+    """The library built from ``sources`` (headers only feed the cache key), built if the cache has
+    none; raises on failure."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    target = cache_dir() / f"{source.stem}-{_key(source, compiler)}.so"
+    target = cache_dir() / f"{name}-{_key([*sources, *headers], compiler)}.so"
     if not target.exists():
-        _compile(compiler, source, target)
+        _compile(compiler, sources, target)
     return ctypes.CDLL(str(target))

@@ -23,10 +23,12 @@ import torch
 from adaroute.kernels import reference
 
 NAME = "cpu"
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-# Above this many tokens the weights are reused enough that PyTorch's GEMM is the better tool
-# (measured crossover: see benchmarks/crossover.py and docs/perf.md).
-MAX_GEMV_TOKENS = 16
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "gemv.cpp", CSRC / "routed_ffn.cpp", CSRC / "attention.cpp"]
+# Above this many tokens the weights are reused enough that PyTorch's GEMM is the better tool:
+# measured on one core (docs/perf.md), the GEMV is 2x faster up to 8 tokens, even at 12, slower at
+# 16. At most kMaxTokens (64), the C side's limit.
+MAX_GEMV_TOKENS = 8
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -37,7 +39,7 @@ _SIGNATURES = {
     "ar_gate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _P, _I32],
     "ar_rmsnorm": [_P, _I64, _I64, _P, _F32, _P],
     "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
-    "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P, _I32, _I32],
+    "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P, _I32, _I32],
 }
 
 
@@ -46,7 +48,7 @@ def _lib() -> ctypes.CDLL | None:
     from adaroute.kernels._build import load_library  # noqa: PLC0415 (keeps import of the registry cheap)
 
     try:
-        lib = load_library(SOURCE)
+        lib = load_library("adaroute_cpu", SOURCES, [CSRC / "common.h"])
     except Exception as err:  # any build or load failure: stay correct, only slower
         warnings.warn(f"adaroute cpu kernels unavailable ({err}); using the reference kernels", stacklevel=3)
         return None
@@ -157,8 +159,14 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
                         min_units, max_units, residual, all_units=False)
 
 
-def _routable(x, *ws) -> bool:
-    return _fast(x, *ws) and x.shape[1] % reference.GROUP == 0
+def _routable(x, w_gate, w_up, w_down_t, *others) -> bool:
+    """Fast path for float32 weights whose rows are contiguous and share one row stride: plain
+    [F, H] tensors, or views into one [F, 3, H] store (see ``pack_units``)."""
+    if not _fast(x, *others) or x.shape[1] % reference.GROUP:
+        return False
+    ws = (w_gate, w_up, w_down_t)
+    stride = w_gate.stride(0)
+    return all(w.dtype is _F32_DTYPE and w.stride(1) == 1 and w.stride(0) == stride for w in ws)
 
 
 def _group_size(x, shadow_scale) -> int:
@@ -176,22 +184,22 @@ def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, t
     y = residual if residual is not None else torch.empty(t, h, dtype=x.dtype)  # [T, H]
     counts = torch.empty(t, dtype=torch.int64)  # [T]
     _lib().ar_routed_ffn(
-        x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(),
-        shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(), float(threshold),
-        int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
+        x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(), w_gate.stride(0),
+        shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(),
+        float(threshold), int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
         int(residual is not None), _threads())
     return y, counts
 
 
-def attention(qkv, k_cache, v_cache, cos, sin, pos: int, pad: torch.Tensor, n_heads: int) -> torch.Tensor:
+def attention(qkv, k_cache, v_cache, cos, sin, pos: int, pad: torch.Tensor | None, n_heads: int) -> torch.Tensor:
     """Grouped-query attention over the cache with RoPE and the cache write fused (see reference)."""
     b, n_kv, s_max, d = k_cache.shape
     t = qkv.shape[0] // b
     if not _fast(qkv, k_cache, v_cache, cos, sin) or t > MAX_GEMV_TOKENS or pos + t > s_max:
         return reference.attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_heads)
-    if pos + t - int(pad.min()) > cos.shape[0]:
-        raise ValueError(f"position {pos + t - int(pad.min()) - 1} beyond the {cos.shape[0]} RoPE positions")
-    pad = pad.to(torch.int64).contiguous()
+    if pos + t > cos.shape[0]:
+        raise ValueError(f"position {pos + t - 1} beyond the {cos.shape[0]} RoPE positions")
+    pad = torch.zeros(b, dtype=torch.int64) if pad is None else pad.to(torch.int64).contiguous()
     out = torch.empty(b * t, n_heads * d, dtype=qkv.dtype)  # [N, Q*D]
     _lib().ar_attention(qkv.data_ptr(), b, t, n_heads, n_kv, d, k_cache.data_ptr(), v_cache.data_ptr(), s_max,
                         pos, pad.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), _threads())

@@ -122,17 +122,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def slot_positions(pos: int, t: int, pad: torch.Tensor) -> torch.Tensor:
+def slot_positions(pos: int, t: int, pad: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     """RoPE positions [B, T] of cache slots pos .. pos+t-1 (left padding pad [B] not counted)."""
-    return (pos + torch.arange(t).unsqueeze(0) - pad.unsqueeze(1)).clamp_min(0)
+    slots = pos + torch.arange(t, device=device).unsqueeze(0)  # [1, T]
+    return slots.expand(batch, t) if pad is None else (slots - pad.unsqueeze(1)).clamp_min(0)
 
 
-def attention_mask(pos: int, t: int, pad: torch.Tensor) -> torch.Tensor | None:
+def attention_mask(pos: int, t: int, pad: torch.Tensor | None, device) -> torch.Tensor | None:
     """Bool mask [B, 1, T, pos+t] (True = attend), or None when plain causal attention is exact."""
-    if not bool(pad.any()) and (t == 1 or pos == 0):
-        return None
-    keys = torch.arange(pos + t)  # [S']
-    queries = pos + torch.arange(t)  # [T]
+    if pad is None:
+        if t == 1 or pos == 0:
+            return None
+        pad = torch.zeros(1, dtype=torch.long, device=device)
+    keys = torch.arange(pos + t, device=device)  # [S']
+    queries = pos + torch.arange(t, device=device)  # [T]
     causal = keys.unsqueeze(0) <= queries.unsqueeze(1)  # [T, S']
     real = keys.unsqueeze(0) >= pad.unsqueeze(1)  # [B, S']
     # A padding query would otherwise see no key at all (NaN rows); let it see itself.
@@ -141,22 +144,23 @@ def attention_mask(pos: int, t: int, pad: torch.Tensor) -> torch.Tensor | None:
 
 
 def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, pos: int, pad: torch.Tensor, n_heads: int) -> torch.Tensor:
+              sin: torch.Tensor, pos: int, pad: torch.Tensor | None, n_heads: int) -> torch.Tensor:
     """Grouped-query attention of T new tokens per sequence over the cache, in place.
 
     qkv [N, (Q+2K)*D] for B left-padded sequences; caches [B, K, S, D]; cos/sin tables [positions, D].
     RoPE is applied, the new keys/values are written to slots pos .. pos+T-1, and the output is
     [N, Q*D]. Token t of sequence b has position pos + t - pad[b] and attends slots pad[b] .. pos + t.
+    ``pad`` None means no sequence is padded (and spares a device-to-host check on GPUs).
     """
     b, n_kv, _, d = k_cache.shape
     t = qkv.shape[0] // b
     q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
-    rope = rope_table_lookup(cos, sin, slot_positions(pos, t, pad))
+    rope = rope_table_lookup(cos, sin, slot_positions(pos, t, pad, b, qkv.device))
     q = apply_rope(q.reshape(b, t, n_heads, d), *rope)  # [B, T, Q, D]
     k = apply_rope(k.reshape(b, t, n_kv, d), *rope)  # [B, T, K, D]
     k_cache[:, :, pos:pos + t] = k.transpose(1, 2)
     v_cache[:, :, pos:pos + t] = v.reshape(b, t, n_kv, d).transpose(1, 2)
-    mask = attention_mask(pos, t, pad)
+    mask = attention_mask(pos, t, pad, qkv.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :pos + t], v_cache[:, :, :pos + t],
                                          attn_mask=mask, is_causal=mask is None and t > 1,
                                          enable_gqa=n_heads != n_kv)  # [B, Q, T, D]

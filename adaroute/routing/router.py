@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaroute.routing.shadow import check_group_size, dequantize, pack_int4, quantize_int4
+from adaroute.routing.shadow import check_group_size, dequantize, gptq_int4, pack_int4, quantize_int4
 
 _LOG_EPS = 1e-20
 
@@ -58,6 +58,13 @@ class ShadowRouter(nn.Module):
             router.shadow_scale.copy_(scale)
             router.unit_bias.copy_(w_down_t.detach().float().norm(dim=1).clamp_min(1e-12).log())
         return router
+
+    @torch.no_grad()
+    def refit_codes(self, w_gate: torch.Tensor, w_up: torch.Tensor, hessian: torch.Tensor) -> None:
+        """Re-choose the int4 codes and scales for calibration inputs with Hessian E[x x^T] [H, H]."""
+        q, scale = gptq_int4(torch.cat([w_gate, w_up], dim=0), hessian, self.group_size)  # [2F, H], [2F, H/G]
+        self.shadow_q.copy_(pack_int4(q))
+        self.shadow_scale.copy_(scale)
 
     def shadow_weight(self) -> torch.Tensor:
         """Dequantised [W_gate_hat; W_up_hat], [2F, H]."""

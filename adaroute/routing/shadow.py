@@ -69,3 +69,47 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     groups = scale.shape[1]
     w = q.reshape(rows, groups, hidden // groups) * scale[..., None]  # [R, H/G, G]
     return w.reshape(rows, hidden)
+
+
+def gptq_int4(
+    w: torch.Tensor, hessian: torch.Tensor, group_size: int = 32, damp: float = 0.01, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware int4 codes and scales for ``w`` [R, H] (GPTQ, Frantar et al. 2022).
+
+    ``hessian`` [H, H] is E[x x^T] over calibration inputs. Columns are quantised one at a time and
+    each rounding error is pushed onto the not-yet-quantised columns through the inverse Hessian,
+    which minimises E||x (W_hat - W)^T||^2, the error of the shadow's pre-activations on real
+    inputs, rather than the weight error. Same storage format as ``quantize_int4``.
+    """
+    rows, hidden = w.shape
+    check_group_size(hidden, group_size)
+    block = group_size * max(1, block // group_size)  # groups never straddle blocks
+    h = hessian.double().clone()
+    h += damp * h.diagonal().mean() * torch.eye(hidden, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # [H, H]
+    # Column-major work copy [H, R]: every per-column step below touches one contiguous row.
+    work = w.detach().float().t().contiguous()
+    q = torch.zeros(hidden, rows, dtype=torch.int8)
+    scale = torch.zeros(hidden // group_size, rows)
+    for b0 in range(0, hidden, block):
+        b1 = min(b0 + block, hidden)
+        err = _gptq_block(work[b0:b1], hinv[b0:b1, b0:b1], q[b0:b1], scale, b0, group_size)  # [B, R]
+        work[b1:] -= hinv[b0:b1, b1:].t() @ err
+    return q.t().contiguous(), scale.t().contiguous()
+
+
+def _gptq_block(wb, hinv_b, q_out, scale, offset: int, group_size: int) -> torch.Tensor:
+    """Quantise one block of columns (rows of ``wb`` [B, R]) in place; returns scaled errors [B, R]."""
+    err = torch.zeros_like(wb)
+    for i in range(wb.shape[0]):
+        col = offset + i
+        if col % group_size == 0:
+            _, s = quantize_int4(wb[i : i + group_size].t(), group_size)  # scale from the updated group
+            scale[col // group_size] = s[:, 0]
+        s = scale[col // group_size]
+        qi = torch.round(wb[i] / s).clamp_(-8, 7)
+        q_out[i] = qi.to(torch.int8)
+        e = (wb[i] - qi * s) / hinv_b[i, i]
+        wb[i:] -= hinv_b[i, i:, None] * e[None, :]
+        err[i] = e
+    return err

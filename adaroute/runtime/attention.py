@@ -43,4 +43,4 @@ def attend(kernel, qkv: torch.Tensor, layer: LayerWeights, w: ModelWeights, cach
     """qkv [N, (Q+2K)*D] -> attention output [N, Q*D]; this step's keys/values land in the cache."""
     cache.check_room(qkv.shape[0] // cache.batch)
     return kernel.attention(prepare_qkv(qkv, layer, w), cache.k[index], cache.v[index], w.rope_cos, w.rope_sin,
-                            cache.pos, cache.pad, w.n_heads)
+                            cache.pos, cache.pad_or_none(), w.n_heads)

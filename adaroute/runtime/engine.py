@@ -24,15 +24,20 @@ from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, Route
 
 
 class UnitCounter:
-    """Units computed per routed layer, summed over the sparse calls it observed."""
+    """Units computed per routed layer, summed over the sparse calls it observed. The sum stays a
+    tensor (on the kernel's device) until read, so counting adds no device-to-host copy per layer."""
 
     def __init__(self):
-        self.units = 0  # selected units, summed over tokens and layers
+        self._units: torch.Tensor | int = 0  # selected units, summed over tokens and layers
         self.slots = 0  # tokens x layer width, same sums
 
     def add(self, counts: torch.Tensor, width: int) -> None:
-        self.units += int(counts.sum())
+        self._units = self._units + counts.sum()
         self.slots += counts.numel() * width
+
+    @property
+    def units(self) -> int:
+        return int(self._units)
 
     @property
     def density(self) -> float:
@@ -43,7 +48,8 @@ class Engine:
     def __init__(self, weights: ModelWeights, kernel: ModuleType | str | None = None,
                  policy: ExecutionPolicy | None = None):
         self.w = weights
-        self.kernel = get_kernel(kernel) if isinstance(kernel, str) else (kernel or default_kernel())
+        device = weights.embed.device.type
+        self.kernel = get_kernel(kernel) if isinstance(kernel, str) else (kernel or default_kernel(device))
         self.policy = policy or ExecutionPolicy()
         self.counter: UnitCounter | None = None  # set one to measure the realised density
 
@@ -55,14 +61,15 @@ class Engine:
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         if max_len > self.w.max_positions:
             raise ValueError(f"max_len {max_len} exceeds the model's {self.w.max_positions} positions")
-        return KVCache(len(self.w.layers), batch, self.w.n_kv_heads, self.w.head_dim, max_len, pad)
+        return KVCache(len(self.w.layers), batch, self.w.n_kv_heads, self.w.head_dim, max_len, pad,
+                       device=self.w.embed.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits of the last position [B, V] (or of every position [B, T, V])."""
         b, t = tokens.shape
         sparse = self.policy.sparse(b * t)
-        x = self.w.embed[tokens.reshape(-1)]  # [N, H]
+        x = self.w.embed[tokens.reshape(-1).to(self.w.embed.device)]  # [N, H]
         for i, layer in enumerate(self.w.layers):
             self._layer(x, layer, i, cache, sparse)
         cache.advance(t)

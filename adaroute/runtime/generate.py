@@ -46,6 +46,8 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: i
              sampling: SamplingConfig | None = None, stop_tokens: Iterable[int] = (),
              on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Decode up to ``max_new_tokens`` per prompt. ``on_token(sequence, token)`` streams tokens out."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = sampling or SamplingConfig()
     stops = set(stop_tokens)
     ids, pad = left_pad(prompts)

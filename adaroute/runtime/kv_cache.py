@@ -24,6 +24,7 @@ class KVCache:
         if pad.shape != (batch,):
             raise ValueError(f"pad must have one entry per sequence ({batch}), got shape {tuple(pad.shape)}")
         self.pad = pad.to(device)  # [B]
+        self.padded = bool(pad.any())
         self.pos = 0  # slots filled so far (same for every sequence)
 
     @property
@@ -33,6 +34,10 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    def pad_or_none(self) -> torch.Tensor | None:
+        """The padding, or None when no sequence is padded (kernels then skip masking)."""
+        return self.pad if self.padded else None
 
     def check_room(self, t: int) -> None:
         if self.pos + t > self.max_len:

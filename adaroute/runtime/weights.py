@@ -157,8 +157,9 @@ def _path(model: nn.Module, dotted: str):
 def _rope_table(model: nn.Module, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [S, D] from the model's own rotary module, so every RoPE scaling variant is honoured."""
     rotary = model.model.rotary_emb
-    pos = torch.arange(positions).unsqueeze(0)  # [1, S]
-    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32)
+    device = rotary.inv_freq.device if hasattr(rotary, "inv_freq") else None
+    pos = torch.arange(positions, device=device).unsqueeze(0)  # [1, S]
+    probe = torch.zeros(1, 1, head_dim, dtype=torch.float32, device=device)
     cos, sin = rotary(probe, pos)  # [1, S, D]
     return cos[0].float().contiguous(), sin[0].float().contiguous()
 

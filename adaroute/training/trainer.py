@@ -10,6 +10,8 @@ Shape legend: N = captured tokens, H = hidden size, F = FFN units, L = routed la
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,50 +57,74 @@ def train_routers(
 ) -> TrainReport:
     """Fit and calibrate the routers of ``mods`` in place; returns a report for calibration.json."""
     seed_everything(train.seed)
-    clock: dict[str, float] = {}
+    clock = _Clock()
     windows = token_windows(tokenizer, texts, train.window, train.calib_tokens)  # [B, W]
     _set_guards(mods, routing)
-    t = time.perf_counter()
-    n_sens = max(1, min(len(windows), train.sensitivity_tokens // train.window))
-    sens_cap, grads = fisher_gradients(model, mods, windows[:n_sens], train.seed)
-    clock["sensitivity_pass"] = time.perf_counter() - t
-    inputs = sens_cap.inputs
-    if n_sens < len(windows):
-        rest = capture_inputs(model, mods, windows[n_sens:]).inputs
-        inputs = [torch.cat([a, b]) for a, b in zip(inputs, rest, strict=True)]
-    clock["capture"] = time.perf_counter() - t - clock["sensitivity_pass"]
-
-    t = time.perf_counter()
-    costs = cost_table(mods, sens_cap.inputs, grads)
-    densities = _allocate(costs, routing, len(mods))
-    clock["allocation"] = time.perf_counter() - t
+    with clock("capture"):
+        inputs, sens_inputs, grads = _capture(model, mods, windows, train)
+    held = _holdout_split(inputs[0].shape[0])  # fit on [:held], report dropped energy on [held:]
+    energy = {"untrained": _dropped(mods, inputs, held, routing.density)}
+    if train.shadow_fit == "gptq":
+        with clock("shadow_fit"):
+            refit_shadows(mods, inputs, held)
+        energy["shadow_fit"] = _dropped(mods, inputs, held, routing.density)
+    with clock("sensitivity"):
+        costs = cost_table(mods, sens_inputs, grads)
+        densities = _allocate(costs, routing, len(mods))
     del grads
-
-    t = time.perf_counter()
-    held = _holdout_split(inputs[0].shape[0])
-    before = [hard_dropped_energy(m, x[held:], d) for m, x, d in zip(mods, inputs, densities, strict=True)]
-    _fit_all(mods, inputs, densities, train, held)
-    after = [hard_dropped_energy(m, x[held:], d) for m, x, d in zip(mods, inputs, densities, strict=True)]
-    clock["ranking_fit"] = time.perf_counter() - t
-
+    with clock("ranking_fit"):
+        _fit_all(mods, inputs, densities, train, held)
+    energy["trained"] = _dropped(mods, inputs, held, densities)
     calibrate(mods, inputs, densities, costs, routing)
     distill_loss: list[float] = []
     if train.distill_steps:
-        t = time.perf_counter()
-        distill_loss = _distill(model, mods, windows, inputs, densities, train)
-        calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
-        clock["distill"] = time.perf_counter() - t
-    stats = stats_on_inputs(mods, inputs)
+        with clock("distill"):
+            distill_loss = _distill(model, mods, windows, inputs, densities, train)
+            calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
     return TrainReport(
         layer_density=densities,
         sensitivity=costs.tolist(),
         grid=list(DEFAULT_GRID),
-        calib_stats=summarise_stats(stats),
-        dropped_energy={"untrained": before, "trained": after},
+        calib_stats=summarise_stats(stats_on_inputs(mods, inputs)),
+        dropped_energy=energy,
         distill_loss=distill_loss,
-        seconds=clock,
+        seconds=clock.seconds,
         tokens=inputs[0].shape[0],
     )
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _capture(model, mods, windows, train: TrainConfig):
+    """FFN inputs on every window; Fisher gradients (for sensitivity) on the first few."""
+    n_sens = max(1, min(len(windows), train.sensitivity_tokens // train.window))
+    sens, grads = fisher_gradients(model, mods, windows[:n_sens], train.seed)
+    inputs = sens.inputs
+    if n_sens < len(windows):
+        rest = capture_inputs(model, mods, windows[n_sens:]).inputs
+        inputs = [torch.cat([a, b]) for a, b in zip(inputs, rest, strict=True)]
+    return inputs, sens.inputs, grads
+
+
+def refit_shadows(mods: list[RoutedMLP], inputs: list[torch.Tensor], held: int) -> None:
+    """Activation-aware int4 codes for each router from its layer's calibration inputs."""
+    for m, x in tqdm(list(zip(mods, inputs, strict=True)), desc="shadow fit", unit="layer", leave=False):
+        xd = x[:held].double()
+        m.router.refit_codes(m.w_gate, m.w_up, xd.t() @ xd / xd.shape[0])  # E[x x^T], [H, H]
+
+
+def _dropped(mods, inputs, held: int, density) -> list[float]:
+    dens = density if isinstance(density, list) else [density] * len(mods)
+    return [hard_dropped_energy(m, x[held:], d) if d < 1.0 else 0.0 for m, x, d in zip(mods, inputs, dens, strict=True)]
 
 
 def _set_guards(mods: list[RoutedMLP], routing: RoutingConfig) -> None:

@@ -125,3 +125,41 @@ def test_residual_is_accumulated_in_place(cpu):
 def test_many_tokens_fall_back_to_reference(cpu):
     x, w = torch.randn(cpu.MAX_GEMV_TOKENS + 1, H), torch.randn(5, H)
     torch.testing.assert_close(cpu.linear(x, w), reference.linear(x, w))
+
+
+CHECK_SCRIPT = """
+import math, torch, warnings
+from adaroute.kernels import cpu, reference
+from tests.kernels.test_kernels import routed_tensors, F
+warnings.simplefilter("always")
+x, w = torch.randn(3, 64), torch.randn(40, 64)
+assert torch.allclose(cpu.linear(x, w), reference.linear(x, w), rtol=1e-4, atol=1e-4)
+t = routed_tensors(seed=2)
+y_ref, n_ref = reference.routed_ffn(x, **t, threshold=-math.inf, min_units=0, max_units=F)
+y, n = cpu.routed_ffn(x, **t, threshold=-math.inf, min_units=0, max_units=F)
+assert n.tolist() == n_ref.tolist() and torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+print("native" if cpu.uses_native() else "fallback")
+"""
+
+
+def _run_check(tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    full = {**os.environ, "ADAROUTE_EXT_DIR": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", CHECK_SCRIPT], env=full, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_portable_build_matches_reference(tmp_path):
+    """The code path for CPUs without AVX-512 (built for the baseline instruction set)."""
+    assert _run_check(tmp_path, ADAROUTE_NATIVE="0").stdout.strip() == "native"
+
+
+def test_build_failure_falls_back_to_reference_with_a_warning(tmp_path):
+    done = _run_check(tmp_path, CXX="/bin/false", PATH="/nonexistent")
+    assert done.stdout.strip() == "fallback"
+    assert "using the reference kernels" in done.stderr

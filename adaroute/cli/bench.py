@@ -1,0 +1,61 @@
+"""`adaroute bench MODEL`: decode and prefill speed, engines side by side in one process."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from adaroute.cli.common import add_model_arg, positive_int, setup_threads, write_json
+from adaroute.errors import AdarouteError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="decode/prefill speed: transformers eager vs adaroute dense vs routed")
+    add_model_arg(p)
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,4 (default 1)")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="tokens decoded per run")
+    p.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length per sequence")
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds after the warm-up")
+    p.add_argument("--kernel", default=None, help="kernel for the adaroute engines (default: fastest available)")
+    p.add_argument("--json", metavar="OUT", help="write one record per engine and batch size")
+    p.set_defaults(run=run)
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or any(b <= 0 for b in batches):
+        raise AdarouteError(f"--batch {text!r}: give positive integers separated by commas, e.g. 1,4")
+    return batches
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from adaroute.eval.bench import bench_prompts, build_engines, format_table, run_engines
+    from adaroute.kernels import known_kernels
+    from adaroute.models import load_model, resolve
+
+    batches = parse_batches(args.batch)
+    if args.kernel is not None and args.kernel not in known_kernels():
+        raise AdarouteError(f"--kernel {args.kernel!r}: choose one of {', '.join(known_kernels())}")
+    setup_threads()
+    source = resolve(args.model)
+    model, tokenizer = load_model(args.model)
+    gguf = str(source.directory / source.gguf_file) if source.gguf_file else None
+    max_len = args.prompt_tokens + args.new_tokens + 16
+    engines = build_engines(model, gguf, max_len=max_len, kernel=args.kernel)
+    records = []
+    for batch in batches:
+        prompts = bench_prompts(tokenizer, batch, args.prompt_tokens)
+        with tqdm(total=len(engines) * args.repeats, desc=f"bench batch {batch}", file=sys.stderr) as bar:
+            records += run_engines(engines, prompts, args.new_tokens, args.repeats,
+                                   progress=lambda msg: bar.update(1) if msg.startswith("round") else None)
+    print(f"threads: {torch.get_num_threads()}  prompt: {args.prompt_tokens} tokens  new: {args.new_tokens} tokens")
+    print(format_table(records))
+    write_json(args.json, {"model": args.model, "threads": torch.get_num_threads(),
+                           "records": [r.__dict__ for r in records]})
+    return 0

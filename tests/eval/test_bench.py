@@ -1,0 +1,88 @@
+"""The speed bench on a tiny model: records, table and JSON (speed itself is not asserted)."""
+
+import json
+
+import pytest
+
+from adaroute.eval.bench import (
+    RssSampler,
+    build_engines,
+    format_table,
+    run_engines,
+    write_json,
+)
+from tests.fixtures import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def records():
+    model = make_tiny_llama(seed=1)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    return run_engines(build_engines(model, max_len=64), prompts, new_tokens=6, repeats=2, warmup_tokens=2)
+
+
+def test_one_record_per_engine(records):
+    assert [r.engine for r in records] == ["transformers-eager", "adaroute-dense"]
+    for r in records:
+        assert r.batch == 2 and r.repeats == 2
+        assert r.decode_tokens_per_s > 0 and r.prefill_tokens_per_s > 0
+        assert 0 < r.latency_p50_ms <= r.latency_p95_ms
+        assert r.peak_rss_mb > 0 and r.engine_mb > 0
+
+
+def test_routed_model_adds_a_routed_engine():
+    routing = pytest.importorskip("adaroute.routing")
+    model = make_tiny_llama(seed=1)
+    for m in routing.route_model(model):
+        m.threshold, m.min_units = -5.0, 4
+    recs = run_engines(build_engines(model, max_len=32), [[1, 2, 3]], new_tokens=4, repeats=1, warmup_tokens=2)
+    routed = [r for r in recs if r.engine == "adaroute-routed"]
+    assert len(routed) == 1 and 0 < routed[0].density <= 1
+
+
+def test_table_and_json(records, tmp_path):
+    table = format_table(records)
+    assert "adaroute-dense" in table and "1.00x" in table
+    out = tmp_path / "bench.json"
+    write_json(records, str(out), {"threads": 1})
+    data = json.loads(out.read_text())
+    assert {r["engine"] for r in data["records"]} == {"transformers-eager", "adaroute-dense"}
+    assert all("decode_tokens_per_s" in r for r in data["records"])
+
+
+def test_rss_sampler_sees_an_allocation():
+    import torch
+
+    sampler = RssSampler(interval_s=0.001)
+    with sampler.watch():
+        big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, touched
+        del big
+    assert sampler.peak > 64 << 20
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    import argparse
+
+    from adaroute.cli import bench as cli_bench
+    from tests.fixtures import write_hf_dir
+
+    write_hf_dir(tmp_path / "tiny")
+    parser = argparse.ArgumentParser()
+    cli_bench.add_parser(parser.add_subparsers())
+    out = tmp_path / "b.json"
+    args = parser.parse_args(["bench", str(tmp_path / "tiny"), "--batch", "1,2", "--new-tokens", "4",
+                              "--prompt-tokens", "8", "--repeats", "1", "--json", str(out)])
+    assert args.run(args) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["engine"], r["batch"]) for r in records] == [
+        ("transformers-eager", 1), ("adaroute-dense", 1), ("transformers-eager", 2), ("adaroute-dense", 2)]
+    assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_cli_bench_rejects_bad_batches():
+    from adaroute.cli.bench import parse_batches
+    from adaroute.errors import AdarouteError
+
+    assert parse_batches("1,4") == [1, 4]
+    with pytest.raises(AdarouteError, match="--batch"):
+        parse_batches("1,x")
