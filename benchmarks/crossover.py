@@ -55,11 +55,12 @@ def measure(model, tokenizer, token_counts: list[int], rounds: int) -> list[dict
 
     def sparse(t):
         return lambda: [kernel.routed_ffn(x[1:t + 1].contiguous(), f.w_gate, f.w_up, f.w_down_t, f.shadow_q,
-                                          f.shadow_scale, f.unit_bias, *f.policy()) for f, x in zip(layers, xs)]
+                                          f.shadow_scale, f.unit_bias, *f.policy())
+                        for f, x in zip(layers, xs, strict=True)]
 
     def dense(t):
         return lambda: [kernel.unit_ffn(x[1:t + 1].contiguous(), f.w_gate, f.w_up, f.w_down_t)
-                        for f, x in zip(layers, xs)]
+                        for f, x in zip(layers, xs, strict=True)]
 
     rows = []
     for t in token_counts:

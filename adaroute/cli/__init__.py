@@ -13,7 +13,7 @@ import sys
 
 from adaroute.errors import AdarouteError
 
-COMMANDS = ("demo", "eval", "generate")
+COMMANDS = ("demo", "convert", "eval", "generate", "bench")
 EXIT_BAD_INPUT = 2
 
 

@@ -39,7 +39,8 @@ _SIGNATURES = {
     "ar_gate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _P, _I32],
     "ar_rmsnorm": [_P, _I64, _I64, _P, _F32, _P],
     "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
-    "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P, _I32, _I32],
+    "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P,
+                      _I32, _I32],
 }
 
 

@@ -10,6 +10,15 @@ Routed FFN contract (shared with ``adaroute.routing``): a unit i is computed for
 ``score[t, i] >= threshold``; if fewer than ``min_units`` pass, the top ``min_units`` by score are
 taken; then, if more than ``max_units`` remain, the top ``max_units``. The score comes from an int4
 "shadow" of the gate/up weights: ``log(|silu(g_hat) * u_hat| + 1e-20) + unit_bias``.
+
+Router score definition (one place, here; every kernel implements exactly this):
+    * x is quantised per token and per scale group of the shadow (G_s = H / shadow_scale.shape[1]
+      columns) to symmetric int8: ``sx = max|x_g| / 127`` (float32), ``xq = round(x / sx)`` rounded
+      half to even (``torch.round``), clamped to [-127, 127]; a group of zeros has sx = 0, xq = 0.
+    * per group, an exact integer dot product of the int4 codes q in [-8, 7] with xq:
+      ``dot[t, r, g] = sum_{j in g} q[r, j] * xq[t, j]``;
+    * ``gu[t, r] = sum_g (shadow_scale[r, g] * sx[t, g]) * dot[t, r, g]``, g_hat = gu[:, :F],
+      u_hat = gu[:, F:].
 """
 
 from __future__ import annotations
@@ -64,10 +73,76 @@ def dequantize_shadow(shadow_q: torch.Tensor, shadow_scale: torch.Tensor) -> tor
     return w.reshape(rows, -1)
 
 
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per token and group: x [T, H] -> (xq int8 [T, H], scale float32 [T, H/G]).
+
+    scale = max|x_g| / 127 and xq = round(x / scale) (half to even), so x ~= xq * scale; an all-zero
+    group has scale 0 and codes 0. Not differentiable (the codes are integers).
+    """
+    t, h = x.shape
+    xg = x.detach().float().reshape(t, h // group_size, group_size)  # [T, G, GS]
+    scale = xg.abs().amax(dim=-1) / 127  # [T, G]
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = torch.round(xg / safe.unsqueeze(-1)).clamp_(-127, 127)
+    return xq.to(torch.int8).reshape(t, h), scale
+
+
+def unpack_shadow_codes(shadow_q: torch.Tensor) -> torch.Tensor:
+    """Packed int4 [R, H/2] uint8 (low nibble = even column, stored q + 8) -> codes q in [-8, 7], int8 [R, H]."""
+    lo = (shadow_q & 0xF).to(torch.int8) - 8  # [R, H/2] even columns
+    hi = (shadow_q >> 4).to(torch.int8) - 8  # [R, H/2] odd columns
+    return torch.stack([lo, hi], dim=-1).reshape(shadow_q.shape[0], -1)
+
+
+def _group_dots(xq: torch.Tensor, q: torch.Tensor, groups: int):
+    """Exact integer dot products, one group at a time: yields dot [T, R] (float32) for g = 0 .. G-1
+    from xq [T, H] and codes q [R, H].
+
+    Every partial sum is an integer below 2^24 in magnitude (|q * xq| <= 1016 and a group is far
+    shorter than 16512 columns), so a float32 matmul computes them exactly in any summation order.
+    """
+    t, h = xq.shape
+    xg = xq.float().reshape(t, groups, h // groups)  # [T, G, GS]
+    qg = q.float().reshape(q.shape[0], groups, h // groups)  # [R, G, GS]
+    for g in range(groups):
+        yield xg[:, g] @ qg[:, g].t()  # [T, R]
+
+
+class _ShadowProduct(torch.autograd.Function):
+    """gu[t, r] = sum_g (shadow_scale[r, g] * sx[t, g]) * dot[t, r, g], differentiable in shadow_scale.
+
+    The integer dots are recomputed in backward rather than saved ([G, T, R] would be large for the
+    thousands of tokens of a training batch)."""
+
+    @staticmethod
+    def forward(ctx, xq, sx, q, shadow_scale):
+        groups = shadow_scale.shape[1]
+        s = shadow_scale.detach().float()  # [R, G]
+        gu = torch.zeros(xq.shape[0], q.shape[0], dtype=torch.float32, device=xq.device)  # [T, R]
+        for g, dot in enumerate(_group_dots(xq, q, groups)):
+            gu += (s[:, g].unsqueeze(0) * sx[:, g].unsqueeze(1)) * dot
+        ctx.save_for_backward(xq, sx, q)
+        ctx.groups = groups
+        return gu
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[3]:
+            return None, None, None, None
+        xq, sx, q = ctx.saved_tensors
+        grad_scale = torch.empty(q.shape[0], ctx.groups, dtype=torch.float32, device=grad.device)  # [R, G]
+        for g, dot in enumerate(_group_dots(xq, q, ctx.groups)):
+            grad_scale[:, g] = (grad * dot).t() @ sx[:, g]
+        return None, None, None, grad_scale
+
+
 def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
-    """Per-unit score [T, F] from the int4 shadow of [gate; up]."""
+    """Per-unit score [T, F] from the int4 shadow of [gate; up] and int8 activations (see the module
+    docstring for the exact definition). Differentiable in ``shadow_scale`` and ``unit_bias``."""
     f = unit_bias.shape[0]
-    gu = F.linear(x, dequantize_shadow(shadow_q, shadow_scale))  # [T, 2F]
+    groups = shadow_scale.shape[1]
+    xq, sx = quantize_activations(x, x.shape[-1] // groups)  # [T, H], [T, G]
+    gu = _ShadowProduct.apply(xq, sx, unpack_shadow_codes(shadow_q), shadow_scale)  # [T, 2F]
     g_hat, u_hat = gu[:, :f], gu[:, f:]
     return torch.log((F.silu(g_hat) * u_hat).abs() + SCORE_EPS) + unit_bias
 
