@@ -1,29 +1,62 @@
-"""The main job on the embedded default model, read top to bottom."""
+"""The main job on the embedded default model, read top to bottom:
+load → answer densely → convert (quick preset) → compare quality on held-out text → compare speed.
+"""
 
 from __future__ import annotations
 
 import time
 
 from adaroute.cli.common import format_table
+from adaroute.convert import convert
 from adaroute.data import load_text
-from adaroute.eval.perplexity import perplexity
+from adaroute.eval.bench import bench_table
 from adaroute.generate import generate
 from adaroute.models import load_model
+from adaroute.routing.quality import compare_with_dense
 
 QUESTION = "In one sentence, what is a Python list comprehension?"
 
 
-def run_demo(model_spec: str = "smollm2-135m", max_tokens: int = 8192, new_tokens: int = 48) -> dict:
-    """Load → evaluate held-out perplexity → answer a fixed question; print a table, return the numbers."""
+def run_demo(model_spec: str = "smollm2-135m", max_tokens: int = 4096, density: float = 0.5,
+             preset: str = "quick", new_tokens: int = 48) -> dict:
+    """Run the demo, print its table and return the numbers."""
     t0 = time.perf_counter()
     print(f"Loading {model_spec} …", flush=True)
     model, tokenizer = load_model(model_spec)
-    heldout = load_text("builtin:heldout")
-    dense = perplexity(model, tokenizer, heldout.text, window=512, max_tokens=max_tokens, desc="dense perplexity")
-    answer = generate(model, tokenizer, QUESTION, max_new_tokens=new_tokens)
-    rows = [["dense", dense.perplexity, dense.tokens, dense.seconds]]
+    dense_answer = generate(model, tokenizer, QUESTION, max_new_tokens=new_tokens)
+
+    print(f"Converting to a routed model at mean FFN density {density} ({preset} preset) …", flush=True)
+    routed = convert(model, ["builtin:calib"], density=density, preset=preset, tokenizer=tokenizer,
+                     base_model=model_spec).model
+    print("Comparing quality on builtin:heldout …", flush=True)
+    quality = compare_with_dense(routed, tokenizer, load_text("builtin:heldout").text, 512, max_tokens)
+    routed_answer = generate(routed, tokenizer, QUESTION, max_new_tokens=new_tokens)
+    print("Measuring decode speed (engines interleaved) …", flush=True)
+    speed = {r.engine: r for r in bench_table(routed, tokenizer, new_tokens=64)}
+
+    _print_table(quality, speed)
+    print(f"\nQ: {QUESTION}\nA (dense):  {dense_answer}\nA (routed): {routed_answer}")
+    seconds = time.perf_counter() - t0
+    print(f"\nDemo finished in {seconds:.0f} s.")
+    return {"quality": quality, "speed": {k: vars(v) for k, v in speed.items()}, "seconds": seconds,
+            "answers": {"dense": dense_answer, "routed": routed_answer}}
+
+
+def _print_table(q: dict, speed: dict) -> None:
+    dense, routed, hf = speed["adaroute-dense"], speed["adaroute-routed"], speed["transformers-eager"]
+    rows = [
+        ["perplexity (builtin:heldout)", q["perplexity_dense"], q["perplexity_routed"]],
+        ["perplexity ratio", 1.0, q["perplexity_ratio"]],
+        ["top-1 agreement with dense", 1.0, q["top1_agreement"]],
+        ["mean FFN density", 1.0, q["mean_density"]],
+        ["FFN FLOPs share (router incl.)", 1.0, q["ffn_flops_share"]],
+        ["FFN weight bytes share (router incl.)", 1.0, q["ffn_bytes_share"]],
+        ["decode tokens/s (batch 1)", dense.decode_tokens_per_s, routed.decode_tokens_per_s],
+        ["latency p50 ms/token", dense.latency_p50_ms, routed.latency_p50_ms],
+        ["peak RSS MB", dense.peak_rss_mb, routed.peak_rss_mb],
+    ]
     print()
-    print(format_table(["model", "perplexity (builtin:heldout)", "tokens", "seconds"], rows))
-    print(f"\nQ: {QUESTION}\nA (dense): {answer}")
-    print(f"\nDemo finished in {time.perf_counter() - t0:.0f} s.")
-    return {"dense_perplexity": dense.perplexity, "tokens": dense.tokens, "answer": answer}
+    print(format_table(["", "dense (adaroute runtime)", "routed"], rows))
+    print(f"transformers eager decode: {hf.decode_tokens_per_s:.1f} tokens/s "
+          f"(adaroute dense {dense.decode_tokens_per_s / hf.decode_tokens_per_s:.2f}×, "
+          f"routed {routed.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}× adaroute dense)")

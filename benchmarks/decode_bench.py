@@ -47,6 +47,23 @@ def calibrated_copy(model, tokenizer, density: float, tokens: int = 512):
     return routed
 
 
+def unit_packed_copy(routed):
+    """A copy of a routed model whose routed layers keep gate, up and down in one [F, 3, H] store
+    (each a strided view of it), so that a selected unit is one contiguous read."""
+    from adaroute.kernels import reference
+
+    packed = copy.deepcopy(routed)
+    for m in packed.modules():
+        if not hasattr(m, "w_down_t") or not hasattr(m, "router"):
+            continue
+        if not reference.is_unit_packed(m.w_gate, m.w_up, m.w_down_t):
+            views = reference.unit_views(reference.pack_units(m.w_gate.data, m.w_up.data, m.w_down_t.data))
+            for name, view in zip(("w_gate", "w_up", "w_down_t"), views, strict=True):
+                m._parameters.pop(name, None)  # stand-in for a module that owns one w_units tensor
+                setattr(m, name, view)
+    return packed
+
+
 def speedup_summary(records) -> list[str]:
     dense = {r.batch: r for r in records if r.engine == "adaroute-dense"}
     lines = []
@@ -72,6 +89,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--unit-packed", action="store_true",
+                   help="also run each routed model with unit-packed [F, 3, H] weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU path: PyTorch + Triton kernels)")
     p.add_argument("--json")
     args = p.parse_args()
@@ -81,7 +100,9 @@ def main():
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     model = model.to(args.device)
-    routed = {float(d): calibrated_copy(model, tokenizer, float(d)) for d in args.densities.split(",") if d}
+    routed = {f"{float(d)}": calibrated_copy(model, tokenizer, float(d)) for d in args.densities.split(",") if d}
+    if args.unit_packed:
+        routed.update({f"{d}-packed": unit_packed_copy(m) for d, m in list(routed.items())})
     records = []
     for batch in [int(b) for b in args.batch.split(",")]:
         engines = build_engines(model)[(1 if args.no_hf else 0):]

@@ -10,6 +10,8 @@ Rows:
   gemv torch/cpu   one [49152, 576] matrix (the tied head) times one token
   ffn dense        one SwiGLU FFN layer (576 -> 1536 -> 576), torch vs our kernels
   ffn routed d     the fused routed kernel at density d (router included), same layer
+  ffn packed d     the same on unit-packed weights (views of one [F, 3, H] store per layer)
+  router           the router's scores alone (int8 activations x int4 shadow), same layer
 """
 
 from __future__ import annotations
@@ -73,12 +75,18 @@ def cases(tokens: int) -> dict:
         "ffn unit-layout cpu x8": (lambda: [cpu.unit_ffn(x1, t["w_gate"], t["w_up"], t["w_down_t"])
                                             for t in layers], 8 * ffn_bytes),
     }
+    packed = [{**t, **dict(zip(("w_gate", "w_up", "w_down_t"),
+                               reference.unit_views(reference.pack_units(t["w_gate"], t["w_up"], t["w_down_t"])),
+                               strict=True))} for t in layers]
+    out["router cpu x8"] = (lambda: [cpu.router_scores(x1, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+                                     for t in layers], 8 * router_bytes)
     for d in (0.5, 0.35):
         ths = [threshold_for(t, x1, d) for t in layers]
-        out[f"ffn routed {d} cpu x8"] = (
-            lambda ths=ths: [cpu.routed_ffn(x1, **t, threshold=th, min_units=0, max_units=F)
-                             for t, th in zip(layers, ths, strict=True)],
-            8 * (int(d * ffn_bytes) + router_bytes))
+        for label, ls in (("routed", layers), ("packed", packed)):
+            out[f"ffn {label} {d} cpu x8"] = (
+                lambda ths=ths, ls=ls: [cpu.routed_ffn(x1, **t, threshold=th, min_units=0, max_units=F)
+                                        for t, th in zip(ls, ths, strict=True)],
+                8 * (int(d * ffn_bytes) + router_bytes))
     return out
 
 

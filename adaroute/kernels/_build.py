@@ -2,7 +2,9 @@
 
 The library is compiled for the machine it runs on (``-march=native``), so the cache key covers the
 source, the flags, the compiler and the CPU. ``ADAROUTE_EXT_DIR`` overrides the cache location;
-``ADAROUTE_NATIVE=0`` builds for the baseline instruction set (the portable, non-AVX-512 code).
+``ADAROUTE_NATIVE=0`` builds for the baseline instruction set (the portable, non-AVX-512 code);
+``ADAROUTE_CXXFLAGS`` adds compiler flags (e.g. ``-mno-avx512vnni`` to build the AVX-512 code without
+the int8 dot-product instructions).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _compiler() -> str | None:
 
 
 def _arch() -> list[str]:
-    return [] if os.environ.get("ADAROUTE_NATIVE") == "0" else NATIVE
+    arch = [] if os.environ.get("ADAROUTE_NATIVE") == "0" else NATIVE
+    return arch + os.environ.get("ADAROUTE_CXXFLAGS", "").split()
 
 
 def _key(files: list[Path], compiler: str) -> str:

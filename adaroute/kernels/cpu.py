@@ -41,6 +41,7 @@ _SIGNATURES = {
     "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
     "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P,
                       _I32, _I32],
+    "ar_router_scores": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32],
 }
 
 
@@ -160,9 +161,22 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
                         min_units, max_units, residual, all_units=False)
 
 
+def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
+    """Scores [T, F] as ``reference.router_scores`` defines them (int8 activations x int4 shadow)."""
+    ok = _fast(x, shadow_scale, unit_bias) and shadow_q.is_contiguous() and shadow_q.dtype == torch.uint8
+    if not ok or x.shape[1] % reference.GROUP or _group_size(x, shadow_scale) % reference.GROUP:
+        return reference.router_scores(x, shadow_q, shadow_scale, unit_bias)
+    t, h = x.shape
+    f = unit_bias.shape[0]
+    out = torch.empty(t, f, dtype=torch.float32)  # [T, F]
+    _lib().ar_router_scores(x.data_ptr(), t, h, f, shadow_q.data_ptr(), shadow_scale.data_ptr(),
+                            _group_size(x, shadow_scale), unit_bias.data_ptr(), out.data_ptr(), _threads())
+    return out
+
+
 def _routable(x, w_gate, w_up, w_down_t, *others) -> bool:
     """Fast path for float32 weights whose rows are contiguous and share one row stride: plain
-    [F, H] tensors, or views into one [F, 3, H] store (see ``pack_units``)."""
+    [F, H] tensors, or views into one [F, 3, H] store (``reference.unit_views``)."""
     if not _fast(x, *others) or x.shape[1] % reference.GROUP:
         return False
     ws = (w_gate, w_up, w_down_t)

@@ -185,6 +185,27 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
     return y, mask.sum(-1)
 
 
+def pack_units(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> torch.Tensor:
+    """One [F, 3, H] store holding each unit's gate row, up row and down column side by side."""
+    return torch.stack([w_gate, w_up, w_down_t], dim=1).contiguous()
+
+
+def unit_views(w_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w_gate, w_up, w_down_t as [F, H] views (row stride 3H) of a [F, 3, H] store."""
+    return w_units[:, 0], w_units[:, 1], w_units[:, 2]
+
+
+def is_unit_packed(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> bool:
+    """Whether the three [F, H] weights are the views ``unit_views`` gives of one [F, 3, H] store."""
+    f, h = w_gate.shape
+    base = w_gate.data_ptr()
+    step = h * w_gate.element_size()
+    return (all(w.shape == (f, h) and w.dtype == w_gate.dtype and w.device == w_gate.device
+                and w.stride() == (3 * h, 1) for w in (w_gate, w_up, w_down_t))
+            and w_up.data_ptr() == base + step and w_down_t.data_ptr() == base + 2 * step
+            and w_gate.untyped_storage().data_ptr() == w_down_t.untyped_storage().data_ptr())
+
+
 def rope_table_lookup(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
     """cos, sin [B, T, 1, D] for positions [B, T] from tables [positions, D]."""
     return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)

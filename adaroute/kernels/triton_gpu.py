@@ -83,6 +83,8 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
         mask = select_units(scores, threshold, min_units, max_units)
         return reference.unit_ffn(x, w_gate, w_up, w_down_t, mask, residual), mask.sum(-1)
     x = x.contiguous()
+    # Rows may be H apart or 3H (views of a [F, 3, H] store); columns must be contiguous.
+    w_gate, w_up, w_down_t = (w if w.stride(1) == 1 else w.contiguous() for w in (w_gate, w_up, w_down_t))
     scores = router_scores(x, shadow_q, shadow_scale, unit_bias)  # [T, F]
     mask = select_units(scores, threshold, min_units, max_units)  # [T, F]
     y = residual if residual is not None else torch.zeros_like(x)  # [T, H]
@@ -91,13 +93,16 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
 
 
 def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
-    """Scores [T, F] straight from the packed int4 shadow (dequantised in registers)."""
+    """Scores [T, F] straight from the packed int4 shadow, with x quantised to int8 per scale group
+    as ``reference.router_scores`` defines it."""
     t, h = x.shape
     f = unit_bias.shape[0]
+    groups = shadow_scale.shape[1]
+    xq, sx = reference.quantize_activations(x, h // groups)  # [T, H] int8, [T, G]
     out = torch.empty(t, f, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(f, BLOCK_UNITS), t)
-    _score_kernel[grid](x, shadow_q, shadow_scale, unit_bias, out, f, h, h // 2, shadow_scale.shape[1],
-                        h // shadow_scale.shape[1], BLOCK_U=BLOCK_UNITS, BLOCK_J=BLOCK_BYTES)
+    _score_kernel[grid](xq, sx.contiguous(), shadow_q, shadow_scale, unit_bias, out, f, h, h // 2, groups,
+                        h // groups, BLOCK_U=BLOCK_UNITS, BLOCK_J=BLOCK_BYTES)
     return out
 
 
@@ -112,19 +117,22 @@ def _masked_unit_ffn(x, w_gate, w_up, w_down_t, mask, y) -> None:
     mask_u8 = mask.to(torch.uint8).contiguous()  # [T, F]
     act = torch.empty(t, f, dtype=torch.float32, device=x.device)  # [T, P] (first n columns used)
     _gate_up_kernel[(triton.cdiv(f, BLOCK_UNITS), t)](x, w_gate, w_up, order, n, mask_u8, act, f, h,
+                                                      w_gate.stride(0), w_up.stride(0),
                                                       BLOCK_P=BLOCK_UNITS, BLOCK_H=BLOCK_H)
     chunk = triton.cdiv(triton.cdiv(f, DOWN_SPLIT), BLOCK_UNITS) * BLOCK_UNITS
     grid = (triton.cdiv(h, BLOCK_H), triton.cdiv(f, chunk), t)
-    _down_kernel[grid](act, w_down_t, order, n, y, f, h, chunk, BLOCK_P=BLOCK_UNITS, BLOCK_H=BLOCK_H)
+    _down_kernel[grid](act, w_down_t, order, n, y, f, h, w_down_t.stride(0), chunk, BLOCK_P=BLOCK_UNITS,
+                       BLOCK_H=BLOCK_H)
 
 
 if triton is not None:
 
     @triton.jit
-    def _score_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, F, H, HALF, SCOLS, GROUP,
+    def _score_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, F, H, HALF, SCOLS, GROUP,
                       BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr):
         """One program: BLOCK_U units x one token. Byte j of a row holds columns 2j (low nibble)
-        and 2j+1 (high nibble), stored as q + 8."""
+        and 2j+1 (high nibble), stored as q + 8; x comes as int8 codes xq with per-group scales sx.
+        The integer products (and their pairwise sums) are exact in float32."""
         t = tl.program_id(1)
         units = tl.program_id(0) * BLOCK_U + tl.arange(0, BLOCK_U)  # [U]
         um = units < F
@@ -133,10 +141,11 @@ if triton is not None:
         for j0 in range(0, HALF, BLOCK_J):
             js = j0 + tl.arange(0, BLOCK_J)  # [J] byte index
             jm = js < HALF
-            xe = tl.load(x_ptr + t * H + 2 * js, mask=jm, other=0.0)  # [J] even columns
-            xo = tl.load(x_ptr + t * H + 2 * js + 1, mask=jm, other=0.0)  # [J] odd columns
+            xe = tl.load(xq_ptr + t * H + 2 * js, mask=jm, other=0).to(tl.float32)  # [J] even columns
+            xo = tl.load(xq_ptr + t * H + 2 * js + 1, mask=jm, other=0).to(tl.float32)  # [J] odd columns
             m2 = um[:, None] & jm[None, :]
-            grp = (2 * js) // GROUP  # [J]
+            grp = (2 * js) // GROUP  # [J] (both columns of a byte share a group)
+            sx = tl.load(sx_ptr + t * SCOLS + grp, mask=jm, other=0.0)  # [J]
             for half_rows in tl.static_range(2):  # 0: gate rows, 1: up rows (offset F)
                 rows = units + half_rows * F
                 b = tl.load(q_ptr + rows[:, None].to(tl.int64) * HALF + js[None, :], mask=m2, other=8)
@@ -144,7 +153,7 @@ if triton is not None:
                 s = tl.load(s_ptr + rows[:, None].to(tl.int64) * SCOLS + grp[None, :], mask=m2, other=0.0)
                 lo = ((b & 15) - 8).to(tl.float32)
                 hi = ((b >> 4) - 8).to(tl.float32)
-                part = tl.sum((lo * xe[None, :] + hi * xo[None, :]) * s, axis=1)  # [U]
+                part = tl.sum((lo * xe[None, :] + hi * xo[None, :]) * (s * sx[None, :]), axis=1)  # [U]
                 if half_rows == 0:
                     acc_g += part
                 else:
@@ -154,10 +163,10 @@ if triton is not None:
         tl.store(out_ptr + t * F + units, score, mask=um)
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, n_ptr, mask_ptr, act_ptr, F, H,
+    def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, n_ptr, mask_ptr, act_ptr, F, H, LDG, LDU,
                         BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
         """act[t, p] = silu(w_gate[u] . x[t]) * (w_up[u] . x[t]) for u = idx[p], p < n; 0 where
-        token t did not select u."""
+        token t did not select u. LDG, LDU: row strides (H, or 3H for views of a [F, 3, H] store)."""
         t = tl.program_id(1)
         n = tl.load(n_ptr)
         ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # [P]
@@ -170,8 +179,8 @@ if triton is not None:
             hm = hs < H
             xv = tl.load(x_ptr + t * H + hs, mask=hm, other=0.0)  # [BH]
             m2 = pm[:, None] & hm[None, :]
-            wg = tl.load(wg_ptr + units[:, None] * H + hs[None, :], mask=m2, other=0.0)  # [P, BH]
-            wu = tl.load(wu_ptr + units[:, None] * H + hs[None, :], mask=m2, other=0.0)
+            wg = tl.load(wg_ptr + units[:, None] * LDG + hs[None, :], mask=m2, other=0.0)  # [P, BH]
+            wu = tl.load(wu_ptr + units[:, None] * LDU + hs[None, :], mask=m2, other=0.0)
             acc_g += tl.sum(wg * xv[None, :], axis=1)
             acc_u += tl.sum(wu * xv[None, :], axis=1)
         chosen = tl.load(mask_ptr + t * F + units, mask=pm, other=0)
@@ -180,7 +189,7 @@ if triton is not None:
         tl.store(act_ptr + t * F + ps, act, mask=pm)
 
     @triton.jit
-    def _down_kernel(act_ptr, wd_ptr, idx_ptr, n_ptr, y_ptr, F, H, CHUNK,
+    def _down_kernel(act_ptr, wd_ptr, idx_ptr, n_ptr, y_ptr, F, H, LDD, CHUNK,
                      BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
         """y[t, hblock] += sum over p in this program's chunk (p < n) of act[t, p] * w_down_t[idx[p], hblock]."""
         t = tl.program_id(2)
@@ -194,6 +203,6 @@ if triton is not None:
             pm = (ps < n) & (ps < start + CHUNK)
             units = tl.load(idx_ptr + ps, mask=pm, other=0).to(tl.int64)
             a = tl.load(act_ptr + t * F + ps, mask=pm, other=0.0)  # [P]
-            w = tl.load(wd_ptr + units[:, None] * H + hs[None, :], mask=pm[:, None] & hm[None, :], other=0.0)
+            w = tl.load(wd_ptr + units[:, None] * LDD + hs[None, :], mask=pm[:, None] & hm[None, :], other=0.0)
             acc += tl.sum(w * a[:, None], axis=0)
         tl.atomic_add(y_ptr + t * H + hs, acc, mask=hm)

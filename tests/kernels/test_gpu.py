@@ -89,3 +89,19 @@ def test_runtime_on_gpu_matches_transformers_and_cpu():
         cache = engine.new_cache(1, 8)
         logits[device] = torch.stack([engine.forward(seq[:, i:i + 1], cache)[0].cpu() for i in range(6)])
     torch.testing.assert_close(logits["cuda"], logits["cpu"], rtol=1e-3, atol=1e-3)
+
+
+def test_routed_ffn_on_unit_packed_weights(gpu):
+    from tests.kernels.test_kernels import packed
+
+    t = packed(routed_tensors(seed=21))
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(2))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    thr = gap_threshold(scores, 0.4)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
+    w_units = t["w_gate"].as_strided((F, 3, H), (3 * H, H, 1)).to(DEVICE)  # the same [F, 3, H] store
+    d = {**on_device({k: v for k, v in t.items() if not k.startswith("w_")}),
+         **dict(zip(("w_gate", "w_up", "w_down_t"), reference.unit_views(w_units), strict=True))}
+    y, n = gpu.routed_ffn(x.to(DEVICE), **d, threshold=thr, min_units=0, max_units=F)
+    assert n.cpu().tolist() == n_ref.tolist()
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-4, atol=1e-5)

@@ -138,6 +138,12 @@ t = routed_tensors(seed=2)
 y_ref, n_ref = reference.routed_ffn(x, **t, threshold=-math.inf, min_units=0, max_units=F)
 y, n = cpu.routed_ffn(x, **t, threshold=-math.inf, min_units=0, max_units=F)
 assert n.tolist() == n_ref.tolist() and torch.allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+for h in (64, 160):
+    tt = routed_tensors(seed=3, h=h)
+    xx = torch.randn(2, h)
+    s_ref = reference.router_scores(xx, tt["shadow_q"], tt["shadow_scale"], tt["unit_bias"])
+    s = cpu.router_scores(xx, tt["shadow_q"], tt["shadow_scale"], tt["unit_bias"])
+    assert torch.allclose(s, s_ref, rtol=1e-4, atol=1e-4), (s - s_ref).abs().max()
 print("native" if cpu.uses_native() else "fallback")
 """
 
@@ -163,3 +169,122 @@ def test_build_failure_falls_back_to_reference_with_a_warning(tmp_path):
     done = _run_check(tmp_path, CXX="/bin/false", PATH="/nonexistent")
     assert done.stdout.strip() == "fallback"
     assert "using the reference kernels" in done.stderr
+
+
+# --- router score definition: int8 activations x int4 shadow -------------------------------------
+
+def naive_gu(x, shadow_q, shadow_scale):
+    """gu [T, R] in float64 straight from the definition in ``reference``."""
+    t, h = x.shape
+    groups = shadow_scale.shape[1]
+    xq, sx = reference.quantize_activations(x, h // groups)
+    q = reference.unpack_shadow_codes(shadow_q).double().view(-1, groups, h // groups)  # [R, G, GS]
+    dots = torch.einsum("tgj,rgj->trg", xq.double().view(t, groups, -1), q)  # [T, R, G], integers
+    return (dots * sx.double().unsqueeze(1) * shadow_scale.double().unsqueeze(0)).sum(-1)
+
+
+def test_quantize_activations_rounds_half_to_even_per_group():
+    x = torch.zeros(2, 64)
+    x[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: halves round to even
+    x[0, 32:36] = torch.tensor([-254.0, 3.0, 1.0, 0.9999])  # scale 2
+    xq, sx = reference.quantize_activations(x, 32)
+    assert xq.dtype == torch.int8 and sx.shape == (2, 2)
+    assert sx.tolist() == [[1.0, 2.0], [0.0, 0.0]]  # an all-zero group: scale 0, codes 0
+    assert xq[0, :4].tolist() == [127, 0, 2, -2] and xq[0, 32:36].tolist() == [-127, 2, 0, 0]
+    assert int(xq[1].abs().sum()) == 0
+    x = torch.randn(5, 96)
+    xq, sx = reference.quantize_activations(x, 32)
+    assert int(xq.abs().max()) == 127
+    torch.testing.assert_close(xq.float().view(5, 3, 32) * sx.unsqueeze(-1), x.view(5, 3, 32),
+                               atol=float(sx.max()) / 2 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_reference_scores_follow_the_definition_and_train_scales(group):
+    t = routed_tensors(seed=3, group=group)
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(4))
+    x[1, :group] = 0.0
+    scale = t["shadow_scale"].clone().requires_grad_()
+    bias = t["unit_bias"].clone().requires_grad_()
+    got = reference.router_scores(x, t["shadow_q"], scale, bias)
+    gu = naive_gu(x, t["shadow_q"], scale)
+    want = torch.log((torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]).abs() + 1e-20) + bias.double()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    w = torch.randn(4, F, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad((got * w).sum(), [scale, bias])
+    want_grads = torch.autograd.grad((want * w).sum(), [scale, bias])
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-3 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+@pytest.mark.parametrize(("h", "group"), [(64, 32), (160, 32), (576, 32), (576, 64), (192, 96)])
+def test_cpu_router_scores_match_reference(cpu, tokens, h, group):
+    t = routed_tensors(seed=tokens + h, h=h, group=group)
+    x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(h))
+    x[0, :group] = 0.0  # a zero group
+    ref = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    got = cpu.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# --- unit-packed weights: views of one [F, 3, H] store ------------------------------------------
+
+def packed(t: dict) -> dict:
+    w_units = reference.pack_units(t["w_gate"], t["w_up"], t["w_down_t"])  # [F, 3, H]
+    g, u, d = reference.unit_views(w_units)
+    return {**t, "w_gate": g, "w_up": u, "w_down_t": d}
+
+
+def test_unit_views_are_detected():
+    t = routed_tensors(seed=1)
+    p = packed(t)
+    assert reference.is_unit_packed(p["w_gate"], p["w_up"], p["w_down_t"])
+    assert p["w_gate"].stride() == (3 * H, 1) and not p["w_gate"].is_contiguous()
+    assert not reference.is_unit_packed(t["w_gate"], t["w_up"], t["w_down_t"])
+    assert not reference.is_unit_packed(p["w_up"], p["w_gate"], p["w_down_t"])  # order matters
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_routed_ffn_on_unit_packed_weights(cpu, tokens, density):
+    t = packed(routed_tensors(seed=20 + tokens))
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    thr = {0.0: math.inf, 1.0: -math.inf}.get(density) or gap_threshold(scores, density)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
+    y, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
+    assert n.tolist() == n_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    dense = cpu.unit_ffn(x, t["w_gate"], t["w_up"], t["w_down_t"])
+    torch.testing.assert_close(dense, reference.unit_ffn(x, t["w_gate"], t["w_up"], t["w_down_t"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize(("density", "min_units", "max_units"),
+                         [(0.2, 25, F), (0.2, 80, F), (0.6, 0, 50), (0.6, 0, 10), (0.4, 45, 45)])
+def test_guard_corrections_match_reference(cpu, tokens, density, min_units, max_units):
+    """Guards that add or drop a few units (corrected in place) and many (gathered again)."""
+    t = routed_tensors(seed=30 + tokens)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(31))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    thr = gap_threshold(scores, density)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=min_units, max_units=max_units)
+    y, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=min_units, max_units=max_units)
+    assert n.tolist() == n_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def _has_cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_cpu_flag("avx512bw"), reason="needs AVX-512 BW")
+def test_avx512_build_without_vnni_matches_reference(tmp_path):
+    """The AVX-512 scoring path for CPUs without the int8 dot-product instruction."""
+    assert _run_check(tmp_path, ADAROUTE_CXXFLAGS="-mno-avx512vnni").stdout.strip() == "native"

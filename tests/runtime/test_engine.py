@@ -119,3 +119,33 @@ def test_policy_validates():
     with pytest.raises(ValueError, match="sparse_max_tokens"):
         ExecutionPolicy(-1)
     assert ExecutionPolicy(4).sparse(4) and not ExecutionPolicy(4).sparse(5)
+
+
+def test_unit_packed_routed_weights_are_shared_not_copied(routed):
+    """A routed module whose w_gate, w_up, w_down_t are views of one [F, 3, H] store: the runtime keeps
+    the views (no copy) and the sparse kernels read them through the 3H row stride."""
+    import copy
+
+    from adaroute.kernels import reference
+    from adaroute.runtime.weights import RoutedFFN
+
+    model, mods = routed
+    set_threshold(mods, -6.0, min_units=8, max_units=100)
+    packed_model = copy.deepcopy(model)
+    for m in packed_model.modules():
+        if hasattr(m, "w_down_t") and hasattr(m, "router"):
+            views = reference.unit_views(reference.pack_units(m.w_gate.data, m.w_up.data, m.w_down_t.data))
+            for name, view in zip(("w_gate", "w_up", "w_down_t"), views, strict=True):
+                del m._parameters[name]  # stand-in for a module that owns one w_units tensor
+                setattr(m, name, view)
+    seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    logits = {}
+    for label, mdl in (("plain", model), ("packed", packed_model)):
+        engine = Engine.from_model(mdl, kernel="cpu", policy=ExecutionPolicy.always_sparse())
+        if label == "packed":
+            ffns = [ly.ffn for ly in engine.w.layers if isinstance(ly.ffn, RoutedFFN)]
+            assert ffns and all(reference.is_unit_packed(f.w_gate, f.w_up, f.w_down_t) for f in ffns)
+            assert ffns[0].w_gate.data_ptr() == ffns[0].module.w_gate.data_ptr()
+        cache = engine.new_cache(1, 8)
+        logits[label] = torch.stack([engine.forward(seq[:, i:i + 1], cache)[0] for i in range(seq.shape[1])])
+    torch.testing.assert_close(logits["packed"], logits["plain"], rtol=1e-5, atol=1e-5)

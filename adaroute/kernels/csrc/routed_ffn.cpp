@@ -1,6 +1,10 @@
 // The routed FFN for a few tokens in flight: score every unit from the int4 shadow, select per
 // token, then read only the selected units' gate row, up row and down column (row of w_down_t).
-//   G  int4 quantisation groups per row (H / 32)
+//   G  scale groups per row (H / group_size)
+//
+// Scores follow adaroute/kernels/reference.py exactly: x is quantised to int8 per token and scale
+// group (sx = max|x_g| / 127, codes rounded half to even), each group's dot product with the int4
+// codes is an exact integer, and gu[r] = sum_g shadow_scale[r, g] * sx[g] * dot_g.
 #include "common.h"
 
 #include <atomic>
@@ -8,7 +12,6 @@
 namespace {
 
 constexpr int kScoreBlock = 64; // units scored per work item
-constexpr int kGroup = 32;     // columns per dequantisation step (16 bytes of int4); scale groups are multiples
 
 #ifdef __AVX512F__
 // exp and log for 16 lanes (Cephes-style, ~1e-7 relative): scoring every unit with scalar libm
@@ -61,34 +64,120 @@ inline void unit_scores(const float* g, const float* u, const float* bias, int64
 #endif
   for (; i < n; ++i) score[i] = std::log(std::fabs(silu(g[i]) * u[i]) + 1e-20f) + bias[i];
 }
-// Dot products of one int4 shadow row pair (gate row, up row) with nt tokens.
-// x is given de-interleaved: xe[t] holds the even columns, xo[t] the odd ones, so that the low and
-// high nibbles of each byte line up with contiguous vectors and nothing is shuffled per weight.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define AR_INT8_SIMD 1
+// acc + sum of four u8 x s8 products per int32 lane (no saturation: |15 * 127 * 4| fits easily).
+inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  // maddubs adds pairs into int16 (|2 * 15 * 127| < 2^15, so it never saturates here).
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+#endif
+
+// x quantised for scoring, in the layout the shadow rows are read in.
+// A block is 64 bytes of a packed row = 128 columns; int32 lane l of a block covers bytes 4l .. 4l+3,
+// i.e. columns 8l .. 8l+7 of the block, so every lane lies inside one scale group (multiple of 32).
+struct QuantX {
+  int64_t blocks = 0;
+  std::vector<int8_t> xe, xo;      // [T, blocks, 64]: codes of the even / odd columns (0 past H)
+  std::vector<int32_t> neg_corr;   // [T, blocks, 16]: -8 * (sum of the lane's 8 codes): stored nibbles are q + 8
+  std::vector<float> sx;           // [T, blocks, 16]: the lane's activation scale (0 past H)
+  std::vector<int32_t> sidx;       // [blocks, 16]: the lane's scale column, relative to sbase
+  std::vector<int64_t> sbase;      // [blocks]: first scale column of the block
+  std::vector<uint16_t> smask;     // [blocks]: scale columns readable from sbase (never past the row)
+  std::vector<uint64_t> bmask;     // [blocks]: bytes of the block inside the row
+  std::vector<int8_t> xq;          // [T, H]: codes in column order (portable path)
+  std::vector<float> sx_group;     // [T, G]
+  int64_t h = 0, gs = 32, scale_cols = 0;
+
+  // sx = max|x_g| / 127, code = round-half-even(x / sx): the float operations of
+  // reference.quantize_activations, so the codes match bit for bit.
+  void build(const float* x, int nt, int64_t h_, int64_t group_size) {
+    h = h_;
+    gs = group_size;
+    scale_cols = h / gs;
+    blocks = (h / 2 + 63) / 64;
+    xq.assign(static_cast<size_t>(nt) * h, 0);
+    sx_group.assign(static_cast<size_t>(nt) * scale_cols, 0.0f);
+    for (int t = 0; t < nt; ++t)
+      for (int64_t g = 0; g < scale_cols; ++g) {
+        const float* xg = x + t * h + g * gs;
+        float amax = 0.0f;
+        for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(xg[j]));
+        const float scale = amax / 127.0f;
+        sx_group[t * scale_cols + g] = scale;
+        if (scale > 0.0f)
+          for (int64_t j = 0; j < gs; ++j) {
+            const float v = std::nearbyint(xg[j] / scale);  // default rounding: half to even
+            xq[t * h + g * gs + j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+          }
+      }
+#ifdef AR_INT8_SIMD
+    xe.assign(static_cast<size_t>(nt) * blocks * 64, 0);
+    xo.assign(static_cast<size_t>(nt) * blocks * 64, 0);
+    neg_corr.assign(static_cast<size_t>(nt) * blocks * 16, 0);
+    sx.assign(static_cast<size_t>(nt) * blocks * 16, 0.0f);
+    sidx.assign(blocks * 16, 0);
+    sbase.assign(blocks, 0);
+    smask.assign(blocks, 0);
+    bmask.assign(blocks, 0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t nbytes = std::min<int64_t>(64, h / 2 - 64 * b);
+      bmask[b] = nbytes >= 64 ? ~0ull : ((1ull << nbytes) - 1);
+      sbase[b] = 128 * b / gs;
+      int64_t top = sbase[b];
+      for (int l = 0; l < 16; ++l) {
+        const int64_t col = 128 * b + 8 * l;
+        const int64_t sc = col < h ? col / gs : sbase[b];
+        sidx[b * 16 + l] = static_cast<int32_t>(sc - sbase[b]);
+        top = std::max(top, sc);
+      }
+      smask[b] = static_cast<uint16_t>((1u << (top - sbase[b] + 1)) - 1u);
+    }
+    for (int t = 0; t < nt; ++t)
+      for (int64_t c = 0; c < h; ++c) {
+        const int64_t b = c / 128, byte = (c % 128) / 2, lane = byte / 4;
+        const int8_t v = xq[t * h + c];
+        (c % 2 ? xo : xe)[(t * blocks + b) * 64 + byte] = v;
+        neg_corr[(t * blocks + b) * 16 + lane] -= 8 * v;
+        sx[(t * blocks + b) * 16 + lane] = sx_group[t * scale_cols + c / gs];
+      }
+#endif
+  }
+};
+
+// gate and up pre-activations of one shadow row pair for nt tokens (int4 codes x int8 activations).
 template <int NT>
-inline void shadow_pair(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su,
-                        const float* xe, const float* xo, int64_t half, int64_t groups, int64_t per_scale,
-                        float* gout, float* uout) {
-#ifdef __AVX512F__
-  alignas(64) static const float kLevels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
-  const __m512 levels = _mm512_load_ps(kLevels);
-  const __m512i low4 = _mm512_set1_epi32(0xF);
+inline void shadow_pair(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su, const QuantX& qx,
+                        int t0, float* gout, float* uout) {
+#ifdef AR_INT8_SIMD
+  const int64_t nb = qx.blocks;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 accg[NT], accu[NT];
   for (int t = 0; t < NT; ++t) accg[t] = accu[t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m512i bg = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + 16 * g)));
-    const __m512i bu = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qu + 16 * g)));
-    // Stored value q + 8 in [0, 15] indexes the level table: one permute dequantises 16 weights.
-    const __m512 glo = _mm512_permutexvar_ps(_mm512_and_si512(bg, low4), levels);
-    const __m512 ghi = _mm512_permutexvar_ps(_mm512_srli_epi32(bg, 4), levels);
-    const __m512 ulo = _mm512_permutexvar_ps(_mm512_and_si512(bu, low4), levels);
-    const __m512 uhi = _mm512_permutexvar_ps(_mm512_srli_epi32(bu, 4), levels);
-    const __m512 gs = _mm512_set1_ps(sg[g / per_scale]);
-    const __m512 us = _mm512_set1_ps(su[g / per_scale]);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __mmask64 bm = qx.bmask[b];
+    const __m512i bg = _mm512_maskz_loadu_epi8(bm, qg + 64 * b);
+    const __m512i bu = _mm512_maskz_loadu_epi8(bm, qu + 64 * b);
+    const __m512i glo = _mm512_and_si512(bg, low4), ghi = _mm512_and_si512(_mm512_srli_epi16(bg, 4), low4);
+    const __m512i ulo = _mm512_and_si512(bu, low4), uhi = _mm512_and_si512(_mm512_srli_epi16(bu, 4), low4);
+    const __m512i idx = _mm512_loadu_si512(qx.sidx.data() + 16 * b);
+    const __mmask16 sm = qx.smask[b];
+    const __m512 swg = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(sm, sg + qx.sbase[b]));
+    const __m512 swu = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(sm, su + qx.sbase[b]));
     for (int t = 0; t < NT; ++t) {
-      const __m512 e = _mm512_loadu_ps(xe + t * half + 16 * g);
-      const __m512 o = _mm512_loadu_ps(xo + t * half + 16 * g);
-      accg[t] = _mm512_fmadd_ps(_mm512_fmadd_ps(ghi, o, _mm512_mul_ps(glo, e)), gs, accg[t]);
-      accu[t] = _mm512_fmadd_ps(_mm512_fmadd_ps(uhi, o, _mm512_mul_ps(ulo, e)), us, accu[t]);
+      const int64_t tb = (t0 + t) * nb + b;
+      const __m512i xe = _mm512_loadu_si512(qx.xe.data() + 64 * tb);
+      const __m512i xo = _mm512_loadu_si512(qx.xo.data() + 64 * tb);
+      const __m512i c = _mm512_loadu_si512(qx.neg_corr.data() + 16 * tb);
+      const __m512 sx = _mm512_loadu_ps(qx.sx.data() + 16 * tb);
+      const __m512i dg = dot_u8s8(dot_u8s8(c, glo, xe), ghi, xo);  // exact sum of q * xq per lane
+      const __m512i du = dot_u8s8(dot_u8s8(c, ulo, xe), uhi, xo);
+      accg[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dg), _mm512_mul_ps(swg, sx), accg[t]);
+      accu[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(du), _mm512_mul_ps(swu, sx), accu[t]);
     }
   }
   for (int t = 0; t < NT; ++t) {
@@ -96,18 +185,20 @@ inline void shadow_pair(const uint8_t* qg, const uint8_t* qu, const float* sg, c
     uout[t] = _mm512_reduce_add_ps(accu[t]);
   }
 #else
+  const int64_t h = qx.h, gs = qx.gs;
   for (int t = 0; t < NT; ++t) {
+    const int8_t* xq = qx.xq.data() + (t0 + t) * h;
+    const float* sx = qx.sx_group.data() + (t0 + t) * qx.scale_cols;
     float ga = 0.0f, ua = 0.0f;
-    for (int64_t g = 0; g < groups; ++g) {
-      float gd = 0.0f, ud = 0.0f;
-      for (int j = 0; j < kGroup / 2; ++j) {
-        const int64_t b = 16 * g + j;
-        const float e = xe[t * half + b], o = xo[t * half + b];
-        gd += ((qg[b] & 0xF) - 8) * e + ((qg[b] >> 4) - 8) * o;
-        ud += ((qu[b] & 0xF) - 8) * e + ((qu[b] >> 4) - 8) * o;
+    for (int64_t g = 0; g < qx.scale_cols; ++g) {
+      int32_t gd = 0, ud = 0;
+      for (int64_t j = g * gs; j < (g + 1) * gs; j += 2) {
+        const int64_t b = j / 2;
+        gd += ((qg[b] & 0xF) - 8) * xq[j] + ((qg[b] >> 4) - 8) * xq[j + 1];
+        ud += ((qu[b] & 0xF) - 8) * xq[j] + ((qu[b] >> 4) - 8) * xq[j + 1];
       }
-      ga += gd * sg[g / per_scale];
-      ua += ud * su[g / per_scale];
+      ga += sg[g] * sx[g] * static_cast<float>(gd);
+      ua += su[g] * sx[g] * static_cast<float>(ud);
     }
     gout[t] = ga;
     uout[t] = ua;
@@ -115,14 +206,55 @@ inline void shadow_pair(const uint8_t* qg, const uint8_t* qu, const float* sg, c
 #endif
 }
 
-void shadow_pair_n(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su, const float* xe,
-                   const float* xo, int64_t half, int64_t groups, int64_t per_scale, int nt, float* gout,
-                   float* uout) {
+#ifdef AR_INT8_SIMD
+// The four horizontal sums of a, b, c, d in one shuffle tree (four separate reductions cost as much
+// as the dot products of a short row).
+inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  r = _mm512_add_ps(r, _mm512_permute_ps(r, 0x4E));
+  r = _mm512_add_ps(r, _mm512_permute_ps(r, 0xB1));  // every lane of 128-bit chunk k: the sum of input k
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, r);
+  out[0] = tmp[0], out[1] = tmp[4], out[2] = tmp[8], out[3] = tmp[12];
+}
+
+// Four shadow rows against one token (decode): shares each block of x among the rows and reduces the
+// four accumulators together.
+inline void shadow_rows4(const uint8_t* const* q, const float* const* sw, const QuantX& qx, int t, float* out) {
+  const int64_t nb = qx.blocks;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[4];
+  for (int r = 0; r < 4; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t tb = t * nb + b;
+    const __mmask64 bm = qx.bmask[b];
+    const __m512i xe = _mm512_loadu_si512(qx.xe.data() + 64 * tb);
+    const __m512i xo = _mm512_loadu_si512(qx.xo.data() + 64 * tb);
+    const __m512i c = _mm512_loadu_si512(qx.neg_corr.data() + 16 * tb);
+    const __m512 sx = _mm512_loadu_ps(qx.sx.data() + 16 * tb);
+    const __m512i idx = _mm512_loadu_si512(qx.sidx.data() + 16 * b);
+    const __mmask16 sm = qx.smask[b];
+    for (int r = 0; r < 4; ++r) {
+      const __m512i by = _mm512_maskz_loadu_epi8(bm, q[r] + 64 * b);
+      const __m512i lo = _mm512_and_si512(by, low4), hi = _mm512_and_si512(_mm512_srli_epi16(by, 4), low4);
+      const __m512 s = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(sm, sw[r] + qx.sbase[b]));
+      const __m512i d = dot_u8s8(dot_u8s8(c, lo, xe), hi, xo);  // exact sum of q * xq per lane
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, sx), acc[r]);
+    }
+  }
+  reduce4(acc[0], acc[1], acc[2], acc[3], out);
+}
+#endif
+
+void shadow_pair_n(const uint8_t* qg, const uint8_t* qu, const float* sg, const float* su, const QuantX& qx, int t0,
+                   int nt, float* gout, float* uout) {
   switch (nt) {
-    case 4: shadow_pair<4>(qg, qu, sg, su, xe, xo, half, groups, per_scale, gout, uout); break;
-    case 3: shadow_pair<3>(qg, qu, sg, su, xe, xo, half, groups, per_scale, gout, uout); break;
-    case 2: shadow_pair<2>(qg, qu, sg, su, xe, xo, half, groups, per_scale, gout, uout); break;
-    default: shadow_pair<1>(qg, qu, sg, su, xe, xo, half, groups, per_scale, gout, uout); break;
+    case 4: shadow_pair<4>(qg, qu, sg, su, qx, t0, gout, uout); break;
+    case 3: shadow_pair<3>(qg, qu, sg, su, qx, t0, gout, uout); break;
+    case 2: shadow_pair<2>(qg, qu, sg, su, qx, t0, gout, uout); break;
+    default: shadow_pair<1>(qg, qu, sg, su, qx, t0, gout, uout); break;
   }
 }
 
@@ -158,22 +290,37 @@ struct RoutedCall {
   const float *x, *wg, *wu, *wd_t, *shadow_scale, *unit_bias;
   const uint8_t* shadow_q;
   int nt;
-  int64_t h, ldw, f, half, groups, per_scale, scale_cols;  // ldw: row stride of the three weights
+  int64_t h, ldw, f, half, scale_cols;  // ldw: row stride of the three weights
   float threshold;
-  std::vector<float> xe, xo, score;  // [T, H/2] twice, [T, F]
+  QuantX qx;                         // x as int8 codes for scoring
+  std::vector<float> score;          // [T, F]
   std::vector<uint8_t> mask;         // [T, F]: unit computed for token
+  std::vector<int8_t> change;        // [T, F]: +1 / -1 unit added / dropped by the guards (correction pass)
+  bool correcting = false;           // gather_unit adds change * contribution instead of mask * contribution
 
   // Scores of units [i0, i1) for every token, and the threshold part of the selection.
   void score_units(int64_t i0, int64_t i1) {
     float gh[kMaxTokens * kScoreBlock], uh[kMaxTokens * kScoreBlock];  // [T][units]
     const int64_t n = i1 - i0;
-    for (int64_t i = i0; i < i1; ++i)
+    int64_t i = i0;
+#ifdef AR_INT8_SIMD
+    if (nt == 1)  // decode: two units (four rows) at a time
+      for (; i + 2 <= i1; i += 2) {
+        const uint8_t* q[4] = {shadow_q + i * half, shadow_q + (f + i) * half, shadow_q + (i + 1) * half,
+                               shadow_q + (f + i + 1) * half};
+        const float* sw[4] = {shadow_scale + i * scale_cols, shadow_scale + (f + i) * scale_cols,
+                              shadow_scale + (i + 1) * scale_cols, shadow_scale + (f + i + 1) * scale_cols};
+        float r[4];
+        shadow_rows4(q, sw, qx, 0, r);
+        gh[i - i0] = r[0], uh[i - i0] = r[1], gh[i + 1 - i0] = r[2], uh[i + 1 - i0] = r[3];
+      }
+#endif
+    for (; i < i1; ++i)
       for (int t0 = 0; t0 < nt; t0 += kTokBlock) {
         const int nc = std::min(kTokBlock, nt - t0);
         float g[kTokBlock], u[kTokBlock];
         shadow_pair_n(shadow_q + i * half, shadow_q + (f + i) * half, shadow_scale + i * scale_cols,
-                      shadow_scale + (f + i) * scale_cols, xe.data() + t0 * half, xo.data() + t0 * half, half,
-                      groups, per_scale, nc, g, u);
+                      shadow_scale + (f + i) * scale_cols, qx, t0, nc, g, u);
         for (int t = 0; t < nc; ++t) {
           gh[(t0 + t) * kScoreBlock + (i - i0)] = g[t];
           uh[(t0 + t) * kScoreBlock + (i - i0)] = u[t];
@@ -197,7 +344,10 @@ struct RoutedCall {
     float g[kMaxTokens], u[kMaxTokens], a[kMaxTokens];
     dot_tokens(wg + i * ldw, x, h, h, nt, g, wg + ahead * ldw);
     dot_tokens(wu + i * ldw, x, h, h, nt, u, wu + ahead * ldw);
-    for (int t = 0; t < nt; ++t) a[t] = mask[t * f + i] ? silu(g[t]) * u[t] : 0.0f;
+    for (int t = 0; t < nt; ++t) {
+      const float c = correcting ? static_cast<float>(change[t * f + i]) : static_cast<float>(mask[t * f + i]);
+      a[t] = c != 0.0f ? c * (silu(g[t]) * u[t]) : 0.0f;
+    }
     axpy_tokens(wd_t + i * ldw, a, nt, acc, h, h, wd_t + ahead * ldw);
   }
 
@@ -247,26 +397,24 @@ extern "C" {
 // rows are stored side by side, which turns each unit into one contiguous read).
 //
 // The threshold alone decides most selections, and it decides each unit on its own, so one pass
-// scores and gathers together. Only when a min/max guard binds for some token is that pass thrown
-// away and the selection redone with the guards (which need every score first).
+// scores and gathers together. Only when a min/max guard binds for some token is the selection
+// redone with the guards (which need every score first), and the pass corrected by the units the
+// guards added or dropped (or, when that is more work, thrown away and gathered again).
 void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const float* wg, const float* wu,
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale, int64_t group_size,
                    const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
                    int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
   const int nt = static_cast<int>(t_count);
-  RoutedCall call{x, wg, wu, wd_t, shadow_scale, unit_bias, shadow_q, nt, h, ldw, f, h / 2, h / kGroup,
-                  group_size / kGroup, h / std::max<int64_t>(group_size, 1), threshold, {}, {}, {}, {}};
-  call.xe.resize(nt * call.half);
-  call.xo.resize(nt * call.half);
-  call.score.resize(nt * f);
+  RoutedCall call{x, wg, wu, wd_t, shadow_scale, unit_bias, shadow_q, nt, h, ldw, f, h / 2,
+                  h / std::max<int64_t>(group_size, 1), threshold, {}, {}, {}};
   call.mask.assign(nt * f, all_units ? 1 : 0);
-  for (int t = 0; t < nt; ++t)
-    for (int64_t j = 0; j < call.half; ++j) {
-      call.xe[t * call.half + j] = x[t * h + 2 * j];
-      call.xo[t * call.half + j] = x[t * h + 2 * j + 1];
-    }
+  if (!all_units) {
+    call.qx.build(x, nt, h, group_size);
+    call.score.resize(nt * f);
+  }
   std::vector<float> partial;
   std::vector<int> units;
+  std::vector<uint8_t> first;  // the threshold-only selection of the first pass
   std::atomic<int64_t> next_block{0};
   bool redo = static_cast<bool>(all_units);
 #pragma omp parallel num_threads(nthreads)
@@ -285,18 +433,37 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       }
     }
     if (redo) {  // guards bind (or every unit is wanted): select with every score known, then gather
-      std::fill(acc, acc + nt * h, 0.0f);
       if (!all_units) {
+#pragma omp single
+        first = call.mask;
 #pragma omp for schedule(static)
         for (int t = 0; t < nt; ++t)
           counts[t] = select_token(&call.score[t * f], f, threshold, min_units, max_units, &call.mask[t * f]);
       }
 #pragma omp single
       {
-        for (int64_t i = 0; i < f; ++i)
+        // The first pass already added the threshold-selected units. When the guards change fewer
+        // units than the final selection holds, add the added ones and subtract the dropped ones
+        // (a min guard only adds, a max guard only drops); otherwise start over.
+        std::vector<int> changed;
+        call.change.assign(nt * f, 0);
+        for (int64_t i = 0; i < f; ++i) {
+          bool any = false;
+          for (int t = 0; t < nt && !all_units; ++t) {
+            const int8_t d = static_cast<int8_t>(call.mask[t * f + i] - first[t * f + i]);
+            call.change[t * f + i] = d;
+            any = any || d != 0;
+          }
+          if (any) changed.push_back(static_cast<int>(i));
           if (call.wanted(i)) units.push_back(static_cast<int>(i));
+        }
+        if (!all_units && changed.size() < units.size()) {
+          call.correcting = true;
+          units.swap(changed);
+        }
         if (all_units) std::fill(counts, counts + nt, f);
       }
+      if (!call.correcting) std::fill(acc, acc + nt * h, 0.0f);
       const int64_t nu = static_cast<int64_t>(units.size());
 #pragma omp for schedule(dynamic, kChunk) nowait
       for (int64_t p = 0; p < nu; ++p) call.gather_unit(units[p], units[std::min(p + kAhead, nu - 1)], acc);
@@ -309,6 +476,21 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       y[c] = s;
     }
   }
+}
+
+// Router scores alone, [T, F] into out (group_size as for ar_routed_ffn).
+void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* shadow_q,
+                      const float* shadow_scale, int64_t group_size, const float* unit_bias, float* out,
+                      int nthreads) {
+  const int nt = static_cast<int>(t_count);
+  RoutedCall call{x, nullptr, nullptr, nullptr, shadow_scale, unit_bias, shadow_q, nt, h, h, f, h / 2,
+                  h / std::max<int64_t>(group_size, 1), INFINITY, {}, {}, {}};
+  call.qx.build(x, nt, h, group_size);
+  call.score.resize(nt * f);
+  call.mask.assign(nt * f, 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t i0 = 0; i0 < f; i0 += kScoreBlock) call.score_units(i0, std::min<int64_t>(i0 + kScoreBlock, f));
+  std::copy(call.score.begin(), call.score.end(), out);
 }
 
 }  // extern "C"
