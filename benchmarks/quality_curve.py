@@ -92,8 +92,8 @@ def main(argv=None) -> int:
             rows.append([t.name, d, rec["learned"]["perplexity_ratio"], rec["learned"]["ffn_bytes_share"],
                          rec["oracle"]["perplexity_ratio"] if rec["oracle"] else math.nan,
                          rec["learned"]["top1_agreement"]])
-            print(format_table(["data", "density", "ratio learned", "cost learned", "ratio oracle", "top-1 agree"],
-                               rows), flush=True)
+            print("  ".join(str(v) for v in rows[-1]), flush=True)
+    print(format_table(["data", "density", "ratio learned", "cost learned", "ratio oracle", "top-1 agree"], rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": records}, indent=2) + "\n")

@@ -57,3 +57,24 @@ def test_calibration_record(converted):
     cal = result.calibration
     assert cal["seed"] == 0 and len(cal["layer_density"]) == 2
     assert abs(cal["calib_stats"]["mean_density"] - 0.5) < 0.01
+
+
+def test_cli_convert_writes_a_directory(tmp_path, capsys):
+    from adaroute.cli import main
+
+    write_hf_dir(tmp_path / "dense")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(topics["class"] + topics["import"])
+    code = main(["convert", str(tmp_path / "dense"), "--calib", str(calib), "--density", "0.6", "--preset", "quick",
+                 "--calib-tokens", "512", "-o", str(tmp_path / "out")])
+    assert code == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "mean density" in capsys.readouterr().out
+
+
+def test_cli_convert_bad_density_is_one_line_error(tmp_path, capsys):
+    from adaroute.cli import main
+
+    write_hf_dir(tmp_path / "dense")
+    assert main(["convert", str(tmp_path / "dense"), "--density", "1.5"]) == 2
+    assert "density" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def run(args) -> int:
     rows = [
         ["mean density (calibration)", stats["mean_density"]],
         ["units/token share p10 / p50 / p90", f"{upt['p10']:.3f} / {upt['p50']:.3f} / {upt['p90']:.3f}"],
-        ["seconds", round(result.calibration["seconds"], 1)],
+        ["seconds", round(result.calibration["total_seconds"], 1)],
         ["written to", str(result.directory)],
     ]
     print(format_table(["", "value"], rows))

@@ -74,17 +74,17 @@ def dequantize_shadow(shadow_q: torch.Tensor, shadow_scale: torch.Tensor) -> tor
 
 
 def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per token and group: x [T, H] -> (xq int8 [T, H], scale float32 [T, H/G]).
+    """Symmetric int8 per token and group: x [..., H] -> (xq int8 [..., H], scale float32 [..., H/G]).
 
     scale = max|x_g| / 127 and xq = round(x / scale) (half to even), so x ~= xq * scale; an all-zero
     group has scale 0 and codes 0. Not differentiable (the codes are integers).
     """
-    t, h = x.shape
-    xg = x.detach().float().reshape(t, h // group_size, group_size)  # [T, G, GS]
+    lead, h = x.shape[:-1], x.shape[-1]  # any leading dimensions
+    xg = x.detach().float().reshape(*lead, h // group_size, group_size)  # [T, G, GS]
     scale = xg.abs().amax(dim=-1) / 127  # [T, G]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     xq = torch.round(xg / safe.unsqueeze(-1)).clamp_(-127, 127)
-    return xq.to(torch.int8).reshape(t, h), scale
+    return xq.to(torch.int8).reshape(*lead, h), scale
 
 
 def unpack_shadow_codes(shadow_q: torch.Tensor) -> torch.Tensor:
@@ -137,14 +137,16 @@ class _ShadowProduct(torch.autograd.Function):
 
 
 def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
-    """Per-unit score [T, F] from the int4 shadow of [gate; up] and int8 activations (see the module
-    docstring for the exact definition). Differentiable in ``shadow_scale`` and ``unit_bias``."""
-    f = unit_bias.shape[0]
+    """Per-unit score [..., F] for x [..., H] from the int4 shadow of [gate; up] and int8 activations
+    (see the module docstring for the exact definition). Differentiable in ``shadow_scale`` and
+    ``unit_bias``; x is not differentiated (its quantisation has no useful gradient)."""
+    f, h = unit_bias.shape[0], x.shape[-1]
     groups = shadow_scale.shape[1]
-    xq, sx = quantize_activations(x, x.shape[-1] // groups)  # [T, H], [T, G]
+    xq, sx = quantize_activations(x.reshape(-1, h), h // groups)  # [T, H], [T, G]
     gu = _ShadowProduct.apply(xq, sx, unpack_shadow_codes(shadow_q), shadow_scale)  # [T, 2F]
     g_hat, u_hat = gu[:, :f], gu[:, f:]
-    return torch.log((F.silu(g_hat) * u_hat).abs() + SCORE_EPS) + unit_bias
+    score = torch.log((F.silu(g_hat) * u_hat).abs() + SCORE_EPS) + unit_bias
+    return score.reshape(*x.shape[:-1], f)
 
 
 def _keep_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:

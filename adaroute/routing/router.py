@@ -3,9 +3,10 @@
 Shape legend: T = tokens, H = hidden size, F = FFN units, G = group size.
 
 A unit's hindsight contribution to the FFN output is |act(gate_i(x)) * up_i(x)| * ||W_down[:, i]||.
-The router evaluates the same formula with int4 copies of gate/up, in log space:
+The router evaluates the same formula with int4 copies of gate/up (and the input rounded to int8
+per group of 32, so that fast kernels compute it with exact integer dot products), in log space:
 
-    score[t, i] = log(|act(g_hat[t, i]) * u_hat[t, i]| + 1e-20) + unit_bias[i]
+    score[t, i] = log(|silu(g_hat[t, i]) * u_hat[t, i]| + 1e-20) + unit_bias[i]
 
 ``unit_bias`` starts at log ||W_down[:, i]||, so the untrained score is the log of the hindsight
 contribution estimate. Training adjusts the shadow's scales (the int4 codes stay fixed) and the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaroute.kernels.reference import router_scores
 from adaroute.routing.shadow import check_group_size, dequantize, gptq_int4, pack_int4, quantize_int4
 
 _LOG_EPS = 1e-20
@@ -71,10 +73,13 @@ class ShadowRouter(nn.Module):
         return dequantize(self.shadow_q, self.shadow_scale)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> scores [T, F] (log of the predicted contribution)."""
-        gu = x.to(self.shadow_scale.dtype) @ self.shadow_weight().t()  # [T, 2F]
-        g_hat, u_hat = gu[:, : self.units], gu[:, self.units :]  # [T, F] each
-        return torch.log((self.act_fn(g_hat) * u_hat).abs() + _LOG_EPS) + self.unit_bias
+        """x [..., H] -> scores [..., F] (log of the predicted contribution).
+
+        The exact definition (x quantised to int8 per group, exact integer group dots with the int4
+        codes, then scaled) lives in one place, the reference kernel, so that every fast kernel and
+        this module agree; it is differentiable in ``shadow_scale`` and ``unit_bias``.
+        """
+        return router_scores(x, self.shadow_q, self.shadow_scale, self.unit_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)

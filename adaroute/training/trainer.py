@@ -58,7 +58,8 @@ def train_routers(
     """Fit and calibrate the routers of ``mods`` in place; returns a report for calibration.json."""
     seed_everything(train.seed)
     clock = _Clock()
-    windows = token_windows(tokenizer, texts, train.window, train.calib_tokens)  # [B, W]
+    window = min(train.window, getattr(model.config, "max_position_embeddings", None) or train.window)
+    windows = token_windows(tokenizer, texts, window, train.calib_tokens)  # [B, W]
     _set_guards(mods, routing)
     with clock("capture"):
         inputs, sens_inputs, grads = _capture(model, mods, windows, train)
@@ -106,7 +107,7 @@ class _Clock:
 
 def _capture(model, mods, windows, train: TrainConfig):
     """FFN inputs on every window; Fisher gradients (for sensitivity) on the first few."""
-    n_sens = max(1, min(len(windows), train.sensitivity_tokens // train.window))
+    n_sens = max(1, min(len(windows), train.sensitivity_tokens // windows.shape[1]))
     sens, grads = fisher_gradients(model, mods, windows[:n_sens], train.seed)
     inputs = sens.inputs
     if n_sens < len(windows):
@@ -170,7 +171,8 @@ def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list
               routing: RoutingConfig) -> None:
     """Set each layer's policy to hit its density on the captured inputs, and store its profile."""
     grid = list(PROFILE_GRID)
-    for m, x, d, cost in zip(mods, inputs, densities, costs.tolist(), strict=True):
+    layers = list(zip(mods, inputs, densities, costs.tolist(), strict=True))
+    for m, x, d, cost in tqdm(layers, desc="calibrate", unit="layer", leave=False):
         lo, hi = guard_units(m.units, routing.min_density, routing.max_density)
         with torch.no_grad():
             scores = m.router.score(x)  # [N, F]
@@ -184,12 +186,13 @@ def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list
             m.set_policy(LayerPolicy(thresholds[-1], lo, hi))
 
 
-def stats_on_inputs(mods: list[RoutedMLP], inputs: list[torch.Tensor]) -> RoutingStats:
-    """Selection statistics of the calibrated policy on captured inputs (no model forward needed)."""
+def stats_on_inputs(mods: list[RoutedMLP], inputs: list[torch.Tensor], max_tokens: int = 8192) -> RoutingStats:
+    """Selection statistics of the calibrated policy on (an even sample of) the captured inputs."""
     stats = RoutingStats()
     with torch.no_grad():
-        for m, x in zip(mods, inputs, strict=True):
-            stats.record(m.layer_idx, None, m.select(m.router.score(x)))
+        for m, x in tqdm(list(zip(mods, inputs, strict=True)), desc="statistics", unit="layer", leave=False):
+            xs = x[:: max(1, -(-x.shape[0] // max_tokens))]  # [<= max_tokens, H]
+            stats.record(m.layer_idx, None, m.select(m.router.score(xs)))
     return stats
 
 
