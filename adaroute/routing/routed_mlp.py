@@ -3,9 +3,11 @@ its router selects, per token.
 
 Shape legend: T = tokens (all leading dims flattened), H = hidden size, F = FFN units.
 
-Weights are kept in the layout a sparse kernel reads: ``w_gate`` and ``w_up`` [F, H] (row i is
-unit i's input weights) and ``w_down_t`` [F, H] (= down_proj.weight.T, row i is unit i's output
-column), so computing a subset of units reads only the selected rows of all three.
+Weights are kept in the layout a sparse kernel reads: one store ``w_units`` [F, 3, H] holding, for
+each unit i, its gate row, its up row and its down column (= row i of down_proj.weight.T) side by
+side, so computing a subset of units reads one contiguous 3H block per selected unit (fewer, longer
+memory streams than three separate [F, H] matrices). ``w_gate``, ``w_up`` and ``w_down_t`` are
+[F, H] views of that store (row stride 3H), not copies.
 
 ``forward`` here is the reference: it computes every unit and masks, in plain PyTorch. It defines
 the result every fast path must reproduce.
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaroute.kernels.reference import pack_units
 from adaroute.routing.policy import LayerPolicy, select_units
 from adaroute.routing.router import ShadowRouter
 
@@ -41,10 +44,9 @@ class RoutedMLP(nn.Module):
                 f"{list(w_up.shape)} and {list(w_down_t.shape)}"
             )
         self.units, self.hidden, self.layer_idx = units, hidden, layer_idx
-        # Base weights are parameters (frozen by default) so a recovery fine-tune can reach them.
-        self.w_gate = nn.Parameter(w_gate.detach().contiguous(), requires_grad=False)
-        self.w_up = nn.Parameter(w_up.detach().contiguous(), requires_grad=False)
-        self.w_down_t = nn.Parameter(w_down_t.detach().contiguous(), requires_grad=False)
+        # Base weights are a parameter (frozen by default) so a recovery fine-tune can reach them.
+        self.w_units = nn.Parameter(pack_units(w_gate.detach(), w_up.detach(), w_down_t.detach()),
+                                    requires_grad=False)  # [F, 3, H]
         self.router = router
         self.act_fn = act_fn
         self.threshold: float = -math.inf
@@ -67,6 +69,19 @@ class RoutedMLP(nn.Module):
         w_down_t = down.weight.detach().t().contiguous()  # [F, H]
         router = ShadowRouter.from_weights(w_gate, w_up, w_down_t, group_size, act_fn)
         return cls(w_gate, w_up, w_down_t, router, act_fn, layer_idx)
+
+    # -- weights: [F, H] views of the unit-packed store --------------------------------------------
+    @property
+    def w_gate(self) -> torch.Tensor:
+        return self.w_units[:, 0]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return self.w_units[:, 1]
+
+    @property
+    def w_down_t(self) -> torch.Tensor:
+        return self.w_units[:, 2]
 
     # -- policy ---------------------------------------------------------------------------------
     @property
@@ -124,7 +139,7 @@ class RoutedMLP(nn.Module):
         return [self.router.shadow_scale, self.router.unit_bias]
 
     def base_parameters(self) -> list[nn.Parameter]:
-        return [self.w_gate, self.w_up, self.w_down_t]
+        return [self.w_units]
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,7 @@
 Layout:
     config.json        {"adaroute": {format_version, base_model, base_config, routing, router, layers}}
     model.safetensors  every weight of the model as the routed runtime holds it: base weights with each
-                       FFN in unit-contiguous layout (w_gate, w_up, w_down_t) plus router weights
+                       FFN unit-packed (w_units [F, 3, H]: gate row, up row, down column) plus router weights
     tokenizer files    whatever the tokenizer's save_pretrained writes
     calibration.json   what calibrated it (data, seed, per-layer density, usage statistics)
 """

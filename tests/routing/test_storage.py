@@ -42,7 +42,7 @@ def test_runtime_layout_names_are_in_the_checkpoint(saved):
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.layers.0.mlp.router.shadow_q").dtype == torch.uint8
-    for name in ("w_gate", "w_up", "w_down_t", "router.shadow_q", "router.shadow_scale", "router.unit_bias"):
+    for name in ("w_units", "router.shadow_q", "router.shadow_scale", "router.unit_bias"):
         assert f"model.layers.1.mlp.{name}" in keys
 
 
@@ -61,7 +61,7 @@ def test_shape_mismatch_is_a_clear_error(saved):
     _, path = saved
     state = load_file(str(path / "model.safetensors"))
     state["model.layers.0.mlp.router.unit_bias"] = torch.zeros(5)
-    del state["model.layers.1.mlp.w_up"]
+    del state["model.layers.1.mlp.w_units"]
     save_file(state, str(path / "model.safetensors"))
-    with pytest.raises(RoutedFormatError, match=r"missing .*w_up.*shape .*unit_bias"):
+    with pytest.raises(RoutedFormatError, match=r"missing .*w_units.*shape .*unit_bias"):
         load_routed(path)

@@ -122,8 +122,8 @@ def test_policy_validates():
 
 
 def test_unit_packed_routed_weights_are_shared_not_copied(routed):
-    """A routed module whose w_gate, w_up, w_down_t are views of one [F, 3, H] store: the runtime keeps
-    the views (no copy) and the sparse kernels read them through the 3H row stride."""
+    """Routed modules own one [F, 3, H] store; the runtime keeps its views (no copy) and the sparse
+    kernels read them through the 3H row stride, giving the same logits as contiguous copies."""
     import copy
 
     from adaroute.kernels import reference
@@ -131,21 +131,32 @@ def test_unit_packed_routed_weights_are_shared_not_copied(routed):
 
     model, mods = routed
     set_threshold(mods, -6.0, min_units=8, max_units=100)
-    packed_model = copy.deepcopy(model)
-    for m in packed_model.modules():
-        if hasattr(m, "w_down_t") and hasattr(m, "router"):
-            views = reference.unit_views(reference.pack_units(m.w_gate.data, m.w_up.data, m.w_down_t.data))
-            for name, view in zip(("w_gate", "w_up", "w_down_t"), views, strict=True):
-                del m._parameters[name]  # stand-in for a module that owns one w_units tensor
-                setattr(m, name, view)
+    engine = Engine.from_model(model, kernel="cpu", policy=ExecutionPolicy.always_sparse())
+    ffns = [ly.ffn for ly in engine.w.layers if isinstance(ly.ffn, RoutedFFN)]
+    assert ffns and all(reference.is_unit_packed(f.w_gate, f.w_up, f.w_down_t) for f in ffns)
+    assert ffns[0].w_gate.data_ptr() == ffns[0].module.w_units.data_ptr()
+
+    contiguous = copy.deepcopy(model)  # the same weights as three separate contiguous [F, H] tensors
     seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     logits = {}
-    for label, mdl in (("plain", model), ("packed", packed_model)):
-        engine = Engine.from_model(mdl, kernel="cpu", policy=ExecutionPolicy.always_sparse())
-        if label == "packed":
-            ffns = [ly.ffn for ly in engine.w.layers if isinstance(ly.ffn, RoutedFFN)]
-            assert ffns and all(reference.is_unit_packed(f.w_gate, f.w_up, f.w_down_t) for f in ffns)
-            assert ffns[0].w_gate.data_ptr() == ffns[0].module.w_gate.data_ptr()
-        cache = engine.new_cache(1, 8)
-        logits[label] = torch.stack([engine.forward(seq[:, i:i + 1], cache)[0] for i in range(seq.shape[1])])
-    torch.testing.assert_close(logits["packed"], logits["plain"], rtol=1e-5, atol=1e-5)
+    for label, mdl in (("packed", model), ("contiguous", contiguous)):
+        eng = Engine.from_model(mdl, kernel="cpu", policy=ExecutionPolicy.always_sparse())
+        if label == "contiguous":
+            eng = _with_contiguous_ffn_weights(eng)
+        cache = eng.new_cache(1, 8)
+        logits[label] = torch.stack([eng.forward(seq[:, i:i + 1], cache)[0] for i in range(seq.shape[1])])
+    torch.testing.assert_close(logits["packed"], logits["contiguous"], rtol=1e-5, atol=1e-5)
+
+
+def _with_contiguous_ffn_weights(engine):
+    import dataclasses
+
+    from adaroute.runtime.weights import RoutedFFN
+
+    for i, ly in enumerate(engine.w.layers):
+        if isinstance(ly.ffn, RoutedFFN):
+            f = ly.ffn
+            ffn = dataclasses.replace(f, w_gate=f.w_gate.contiguous(), w_up=f.w_up.contiguous(),
+                                      w_down_t=f.w_down_t.contiguous())
+            engine.w.layers[i] = dataclasses.replace(ly, ffn=ffn)
+    return engine

@@ -57,3 +57,17 @@ def test_density_override_moves_the_measured_density():
         measured[d] = stats.mean_density()
     assert measured[0.3] < measured[0.7] < measured[1.0] == 1.0
     assert math.isclose(measured[0.3], 0.3, abs_tol=0.1)
+
+
+def test_distillation_trains_only_router_parameters_and_keeps_density():
+    cfg = TrainConfig(**{**TRAIN.to_dict(), "distill_steps": 3, "distill_lr": 1e-2})
+    model = make_tiny_llama(0)
+    mods = route_model(model)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "router" not in k}
+    report = train_routers(model, make_tiny_tokenizer(), TEXTS, mods, RoutingConfig(density=0.5, layer_min_density=0.2),
+                           cfg)
+    assert len(report.distill_loss) == 3 and all(math.isfinite(v) for v in report.distill_loss)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert abs(report.calib_stats["mean_density"] - 0.5) < 0.01  # re-calibrated after distillation
+    assert all(m.soft_tau is None for m in mods) and all(p.requires_grad for p in mods[0].router_parameters())
