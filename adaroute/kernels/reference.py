@@ -149,24 +149,25 @@ def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
     return score.reshape(*x.shape[:-1], f)
 
 
-def _keep_top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask [F] of the k best-scoring units among the candidate mask [F]."""
-    masked = scores.masked_fill(~candidates, float("-inf"))
-    keep = torch.zeros_like(candidates)
-    keep[torch.topk(masked, k).indices] = True
-    return keep
-
-
 def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_units: int) -> torch.Tensor:
-    """Selection mask [T, F] (bool) under the threshold + min/max policy."""
-    f = scores.shape[-1]
+    """The selection policy, defined once: scores [T, F] -> bool mask [T, F] of the units to compute.
+
+    Unit i runs iff score_i >= threshold; a token with fewer than ``min_units`` such units takes its
+    top ``min_units``; then one with more than ``max_units`` keeps its top ``max_units``.
+    """
     mask = scores >= threshold  # [T, F]
-    everything = torch.ones(f, dtype=torch.bool, device=scores.device)
-    for t in range(scores.shape[0]):
-        if int(mask[t].sum()) < min_units:
-            mask[t] = _keep_top(scores[t], everything, min(min_units, f))
-        if int(mask[t].sum()) > max_units:
-            mask[t] = _keep_top(scores[t], mask[t], max(max_units, 0))
+    units = scores.shape[-1]
+    if min_units > 0:
+        count = mask.sum(dim=-1, keepdim=True)  # [T, 1]
+        if bool((count < min_units).any()):
+            kth = scores.topk(min(min_units, units), dim=-1).values[:, -1:]  # [T, 1]
+            mask |= (scores >= kth) & (count < min_units)
+    if max_units < units:
+        count = mask.sum(dim=-1, keepdim=True)
+        if bool((count > max_units).any()):
+            kth = scores.topk(max(max_units, 0), dim=-1).values[:, -1:] if max_units > 0 else None
+            keep = (scores >= kth) if kth is not None else torch.zeros_like(mask)
+            mask &= keep | (count <= max_units)
     return mask
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adaroute.kernels.reference import select_units  # the policy's one definition
+
 
 @dataclass(frozen=True)
 class LayerPolicy:
@@ -32,23 +34,6 @@ class LayerPolicy:
     @classmethod
     def topk(cls, k: int) -> LayerPolicy:
         return cls(math.inf, k, k)
-
-
-def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_units: int) -> torch.Tensor:
-    """scores [T, F] -> bool mask [T, F] of the units to compute."""
-    mask = scores >= threshold  # [T, F]
-    units = scores.shape[-1]
-    if min_units > 0:
-        count = mask.sum(dim=-1, keepdim=True)  # [T, 1]
-        if bool((count < min_units).any()):
-            kth = scores.topk(min(min_units, units), dim=-1).values[:, -1:]  # [T, 1]
-            mask |= (scores >= kth) & (count < min_units)
-    if max_units < units:
-        count = mask.sum(dim=-1, keepdim=True)
-        if bool((count > max_units).any()):
-            kth = scores.topk(max_units, dim=-1).values[:, -1:]  # [T, 1]
-            mask &= (scores >= kth) | (count <= max_units)
-    return mask
 
 
 def guard_units(units: int, min_density: float, max_density: float) -> tuple[int, int]:
