@@ -65,14 +65,11 @@ def unit_packed_copy(routed):
 
 
 def speedup_summary(records) -> list[str]:
-    dense = {r.batch: r for r in records if r.engine == "adaroute-dense"}
     lines = []
     for r in records:
-        base = dense.get(r.batch)
-        if base is None or not r.engine.startswith("adaroute-routed") or not r.weight_mb_per_token:
+        if not r.engine.startswith("adaroute-routed") or not r.ideal_vs_dense or r.density is None:
             continue
-        ideal = base.weight_mb_per_token / r.weight_mb_per_token
-        got = r.decode_tokens_per_s / base.decode_tokens_per_s
+        got, ideal = r.vs_dense, r.ideal_vs_dense
         lines.append(f"{r.engine} batch {r.batch}: density {r.density:.3f}, speedup {got:.2f}x of ideal "
                      f"{ideal:.2f}x by bytes -> {100 * (got - 1) / (ideal - 1):.0f}% of the ideal gain, "
                      f"{100 * got / ideal:.0f}% of the ideal speed")

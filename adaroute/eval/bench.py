@@ -2,7 +2,8 @@
 
 All engines run in one process and are interleaved (engine A, B, C, then A, B, C again ...) after a
 warm-up, so a machine whose load changes during the run slows every engine alike and the ratios
-between them stay meaningful. Engines:
+between them stay meaningful. Throughputs are the median over rounds (each round's tokens over its
+time), latencies are percentiles over every step of every round. Engines:
 
     transformers-eager   ``model.generate`` on the model as loaded (routed layers set dense)
     adaroute-dense       the lean runtime, every FFN dense
@@ -54,6 +55,8 @@ class BenchRecord:
     weight_mb_per_token: float | None = None
     density: float | None = None
     repeats: int = 0
+    vs_dense: float | None = None  # decode tokens/s over adaroute-dense's at the same batch
+    ideal_vs_dense: float | None = None  # adaroute-dense's weight bytes per token over this engine's
     note: str = ""
 
 
@@ -66,6 +69,7 @@ class BenchEngine:
     weight_bytes: int  # bytes of weights the engine holds
     bytes_per_token: Callable[[], int | None] = lambda: None  # weight bytes read per decoded token
     density: Callable[[], float | None] = lambda: None
+    reset: Callable[[], None] = lambda: None  # forget what earlier runs counted (a new batch size)
     runs: list[Run] = field(default_factory=list)
     peak_rss: int = 0
     growth: int = 0
@@ -129,7 +133,9 @@ def _dense_routing(model: nn.Module):
             m.threshold, m.min_units, m.max_units = threshold, lo, hi
 
 
-def hf_eager_engine(model: nn.Module) -> BenchEngine:
+def hf_eager_engine(model: nn.Module, bytes_per_token: Callable[[], int | None] | None = None) -> BenchEngine:
+    """``bytes_per_token``: weight bytes one decode step reads (default: every parameter's, an upper
+    bound; build_engines passes the runtime's count of the same dense step)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StepClock(StoppingCriteria):
@@ -152,7 +158,7 @@ def hf_eager_engine(model: nn.Module) -> BenchEngine:
         return Run(ids.numel(), ids.shape[0], clock.times[0] - start, steps)
 
     weights = _tensor_bytes(model.parameters())
-    return BenchEngine("transformers-eager", generate, weights, lambda: weights)
+    return BenchEngine("transformers-eager", generate, weights, bytes_per_token or (lambda: weights))
 
 
 def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None, name: str | None = None) -> BenchEngine:
@@ -169,19 +175,25 @@ def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None, na
         return Run(sum(len(p) for p in prompts), len(prompts), out.prefill_s, out.step_s)
 
     def density():
+        """Realised FFN density over the sparse steps; None when no step ran sparse (then the
+        routed layers ran dense, e.g. at a batch above the execution policy's crossover)."""
         return counter.density if routed and counter.slots else None
 
+    def reset():
+        nonlocal counter
+        counter = UnitCounter()
+        if routed:
+            engine.counter = counter
+
     w = engine.w
-    weights = _tensor_bytes([w.embed, w.head, w.final_norm] + [t for ly in w.layers for t in _layer_tensors(ly)])
-    def bytes_per_token():
-        return sum(w.weight_bytes(density() or 1.0).values())
-
-    name = name or ("adaroute-routed" if routed else "adaroute-dense")
-    return BenchEngine(name, run, weights, bytes_per_token, density)
+    held = [w.embed, w.head, w.final_norm] + [t for ly in w.layers for t in _layer_tensors(ly, router=routed)]
+    return BenchEngine(name or ("adaroute-routed" if routed else "adaroute-dense"), run, _tensor_bytes(held),
+                       lambda: sum(w.weight_bytes(density()).values()), density, reset)
 
 
-def _layer_tensors(layer) -> list[torch.Tensor]:
-    ffn = [getattr(layer.ffn, name) for name in layer.ffn.__dataclass_fields__ if name != "module"]
+def _layer_tensors(layer, router: bool = True) -> list[torch.Tensor]:
+    skip = {"module"} if router else {"module", "shadow_q", "shadow_scale", "unit_bias"}
+    ffn = [getattr(layer.ffn, name) for name in layer.ffn.__dataclass_fields__ if name not in skip]
     return [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.mlp_norm, *ffn]
 
 
@@ -229,6 +241,7 @@ def run_engines(engines: Sequence[BenchEngine], prompts: list[list[int]], new_to
     live = []
     for e in engines:
         e.runs, e.peak_rss, e.growth = [], 0, 0
+        e.reset()
         try:
             e.generate(prompts, warmup_tokens)
             live.append(e)
@@ -244,14 +257,29 @@ def run_engines(engines: Sequence[BenchEngine], prompts: list[list[int]], new_to
             with sampler.watch():
                 e.runs.append(e.generate(prompts, new_tokens))
             e.peak_rss, e.growth = max(e.peak_rss, sampler.peak), max(e.growth, sampler.peak - before)
-    return [_record(e, new_tokens) for e in live]
+    return relate_to_dense([_record(e, new_tokens) for e in live])
+
+
+def relate_to_dense(records: list[BenchRecord]) -> list[BenchRecord]:
+    """Fill ``vs_dense`` (achieved) and ``ideal_vs_dense`` (implied by weight bytes per token)
+    against the adaroute-dense record of the same batch."""
+    dense = {r.batch: r for r in records if r.engine == "adaroute-dense"}
+    for r in records:
+        base = dense.get(r.batch)
+        if base is None:
+            continue
+        r.vs_dense = round(r.decode_tokens_per_s / base.decode_tokens_per_s, 3)
+        if r.weight_mb_per_token and base.weight_mb_per_token:
+            r.ideal_vs_dense = round(base.weight_mb_per_token / r.weight_mb_per_token, 3)
+    return records
 
 
 def _record(e: BenchEngine, new_tokens: int) -> BenchRecord:
     steps = [s for run in e.runs for s in run.step_s]
     batch = e.runs[0].batch
-    decode = batch * len(steps) / sum(steps)
-    prefill = sum(r.prompt_tokens for r in e.runs) / sum(r.prefill_s for r in e.runs)
+    # median over rounds: one round disturbed by another process must not decide a ratio
+    decode = statistics.median(batch * len(r.step_s) / sum(r.step_s) for r in e.runs)
+    prefill = statistics.median(r.prompt_tokens / r.prefill_s for r in e.runs)
     q = statistics.quantiles(steps, n=20) if len(steps) > 1 else steps * 19
     per_token = e.bytes_per_token()
     return BenchRecord(
@@ -259,26 +287,27 @@ def _record(e: BenchEngine, new_tokens: int) -> BenchRecord:
         latency_p50_ms=round(1e3 * statistics.median(steps), 2), latency_p95_ms=round(1e3 * q[18], 2),
         prefill_tokens_per_s=round(prefill, 1), peak_rss_mb=round(e.peak_rss / MB, 1),
         engine_mb=round((e.weight_bytes + e.growth) / MB, 1),
-        weight_mb_per_token=None if per_token is None else round(per_token / MB, 1),
+        weight_mb_per_token=None if per_token is None else round(per_token / MB, 3),
         density=None if e.density() is None else round(e.density(), 3), repeats=len(e.runs))
 
 
 def format_table(records: Sequence[BenchRecord]) -> str:
-    """A plain-text table; ``vs dense`` is decode speed relative to adaroute-dense at the same batch."""
-    dense = {r.batch: r.decode_tokens_per_s for r in records if r.engine == "adaroute-dense"}
-    head = f"{'engine':<20}{'batch':>6}{'decode tok/s':>14}{'vs dense':>10}{'p50 ms':>9}{'p95 ms':>9}" \
-           f"{'prefill tok/s':>15}{'MB/token':>10}{'engine MB':>11}{'density':>9}"
+    """A plain-text table. ``vs dense``: decode speed over adaroute-dense's at the same batch;
+    ``ideal``: the ratio the weight bytes read per token imply; ``of ideal``: achieved/ideal."""
+    head = f"{'engine':<20}{'batch':>6}{'decode tok/s':>14}{'vs dense':>10}{'ideal':>8}{'of ideal':>10}" \
+           f"{'p50 ms':>9}{'p95 ms':>9}{'prefill tok/s':>15}{'MB/token':>10}{'engine MB':>11}{'density':>9}"
     lines = [head, "-" * len(head)]
     for r in records:
-        rel = f"{r.decode_tokens_per_s / dense[r.batch]:.2f}x" if r.batch in dense else "-"
-        lines.append(f"{r.engine:<20}{r.batch:>6}{r.decode_tokens_per_s:>14.1f}{rel:>10}{r.latency_p50_ms:>9.1f}"
-                     f"{r.latency_p95_ms:>9.1f}{r.prefill_tokens_per_s:>15.1f}"
+        of_ideal = r.vs_dense / r.ideal_vs_dense if r.vs_dense and r.ideal_vs_dense else None
+        lines.append(f"{r.engine:<20}{r.batch:>6}{r.decode_tokens_per_s:>14.1f}{_fmt(r.vs_dense, '.2f', 'x'):>10}"
+                     f"{_fmt(r.ideal_vs_dense, '.2f', 'x'):>8}{_fmt(of_ideal, '.0%'):>10}"
+                     f"{r.latency_p50_ms:>9.1f}{r.latency_p95_ms:>9.1f}{r.prefill_tokens_per_s:>15.1f}"
                      f"{_fmt(r.weight_mb_per_token):>10}{r.engine_mb:>11.0f}{_fmt(r.density, '.2f'):>9}")
     return "\n".join(lines)
 
 
-def _fmt(v, spec: str = ".0f") -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec: str = ".0f", suffix: str = "") -> str:
+    return "-" if v is None else format(v, spec) + suffix
 
 
 def write_json(records: Sequence[BenchRecord], path: str, meta: dict | None = None) -> None:
@@ -292,7 +321,8 @@ def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int |
     has routed layers, and llama.cpp when a GGUF file is given and ``llama_cpp`` is importable."""
     from adaroute.runtime.weights import is_routed_mlp
 
-    engines = [hf_eager_engine(model), runtime_engine(model, routed=False, kernel=kernel)]
+    dense = runtime_engine(model, routed=False, kernel=kernel)
+    engines = [hf_eager_engine(model, dense.bytes_per_token), dense]
     if any(is_routed_mlp(m) for m in model.modules()):
         engines.append(runtime_engine(model, routed=True, kernel=kernel))
     if gguf_path:

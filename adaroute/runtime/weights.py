@@ -86,8 +86,9 @@ class ModelWeights:
     def routed(self) -> bool:
         return any(isinstance(layer.ffn, RoutedFFN) for layer in self.layers)
 
-    def weight_bytes(self, density: float = 1.0) -> dict[str, int]:
-        """Bytes of weights read to decode one token, by part; routed FFNs at ``density``."""
+    def weight_bytes(self, density: float | None = None) -> dict[str, int]:
+        """Bytes of weights read to decode one token, by part; routed FFNs sparse at ``density``
+        (router included) or, with None, dense (router not read)."""
         return weight_bytes(self, density)
 
 
@@ -179,8 +180,9 @@ def _rope_table(model: nn.Module, positions: int, head_dim: int) -> tuple[torch.
     return cos[0].float().contiguous(), sin[0].float().contiguous()
 
 
-def weight_bytes(w: ModelWeights, density: float = 1.0) -> dict[str, int]:
-    """Bytes read per decoded token: attention projections, FFN (with router), head."""
+def weight_bytes(w: ModelWeights, density: float | None = None) -> dict[str, int]:
+    """Bytes read per decoded token: attention projections, FFN, router, head. ``density`` None:
+    routed FFNs run dense and skip the router; a number: they run sparse at that density."""
     def nbytes(*ts):
         return sum(t.numel() * t.element_size() for t in ts)
 
@@ -188,9 +190,9 @@ def weight_bytes(w: ModelWeights, density: float = 1.0) -> dict[str, int]:
     ffn = router = 0
     for ly in w.layers:
         f = ly.ffn
-        if isinstance(f, RoutedFFN):
+        if isinstance(f, RoutedFFN) and density is not None:
             ffn += int(density * nbytes(f.w_gate, f.w_up, f.w_down_t))
             router += nbytes(f.shadow_q, f.shadow_scale, f.unit_bias)
         else:
-            ffn += nbytes(f.w_gate, f.w_up, f.w_down)
+            ffn += nbytes(f.w_gate, f.w_up, f.w_down if isinstance(f, DenseFFN) else f.w_down_t)
     return {"attention": attn, "ffn": ffn, "router": router, "head": nbytes(w.head)}

@@ -35,9 +35,19 @@ def test_routed_model_adds_a_routed_engine():
     model = make_tiny_llama(seed=1)
     for m in routing.route_model(model):
         m.threshold, m.min_units = -5.0, 4
-    recs = run_engines(build_engines(model, max_len=32), [[1, 2, 3]], new_tokens=4, repeats=1, warmup_tokens=2)
+    engines = build_engines(model, max_len=32)
+    recs = run_engines(engines, [[1, 2, 3]], new_tokens=4, repeats=1, warmup_tokens=2)
     routed = [r for r in recs if r.engine == "adaroute-routed"]
-    assert len(routed) == 1 and 0 < routed[0].density <= 1
+    assert len(routed) == 1 and 0 < routed[0].density < 1
+    dense = next(r for r in recs if r.engine == "adaroute-dense")
+    # the dense engine reads no router; the ideal ratio is the byte ratio, the achieved one the speed ratio
+    assert dense.weight_mb_per_token == next(r for r in recs if r.engine == "transformers-eager").weight_mb_per_token
+    assert routed[0].ideal_vs_dense == round(dense.weight_mb_per_token / routed[0].weight_mb_per_token, 3)
+    assert routed[0].vs_dense == round(routed[0].decode_tokens_per_s / dense.decode_tokens_per_s, 3)
+    # two sequences in flight run dense under the default policy: no density, dense bytes
+    recs = run_engines(engines, [[1, 2, 3], [4, 5, 6]], new_tokens=4, repeats=1, warmup_tokens=2)
+    routed = next(r for r in recs if r.engine == "adaroute-routed")
+    assert routed.density is None and routed.weight_mb_per_token == dense.weight_mb_per_token
 
 
 def test_table_and_json(records, tmp_path):

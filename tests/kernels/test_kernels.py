@@ -288,3 +288,22 @@ def _has_cpu_flag(flag: str) -> bool:
 def test_avx512_build_without_vnni_matches_reference(tmp_path):
     """The AVX-512 scoring path for CPUs without the int8 dot-product instruction."""
     assert _run_check(tmp_path, ADAROUTE_CXXFLAGS="-mno-avx512vnni").stdout.strip() == "native"
+
+
+@pytest.mark.parametrize("d", [64, 48, 40])  # vector path (multiples of 16) and the portable one
+@pytest.mark.parametrize(("batch", "tokens", "padded"), [(1, 1, False), (2, 1, True), (2, 3, True)])
+def test_attention_matches_reference(cpu, d, batch, tokens, padded):
+    """RoPE, the cache write and grouped-query attention over a long cache (softmax over 300 keys)."""
+    g = torch.Generator().manual_seed(d + 7 * tokens)
+    n_heads, n_kv, slots, pos = 6, 2, 320, 300
+    qkv = torch.randn(batch * tokens, (n_heads + 2 * n_kv) * d, generator=g)
+    angles = torch.arange(slots).unsqueeze(1) * torch.rand(1, d // 2, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, 1), torch.cat([angles.sin()] * 2, 1)  # [S, D]
+    pad = torch.tensor([0, 17][:batch]) if padded else None
+    caches = [torch.randn(batch, n_kv, slots, d, generator=g) * 2 for _ in range(2)]
+    outs = []
+    for kernel in (cpu, reference):
+        k_cache, v_cache = (c.clone() for c in caches)
+        outs.append((kernel.attention(qkv, k_cache, v_cache, cos, sin, pos, pad, n_heads), k_cache, v_cache))
+    for fast, ref in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)

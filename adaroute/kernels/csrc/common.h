@@ -31,6 +31,26 @@ constexpr int kAhead = 2;      // rows (units) ahead that software prefetch runs
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+#ifdef __AVX512F__
+// exp for 16 lanes (Cephes-style, ~1e-7 relative): scalar libm calls per element cost as much as the
+// memory traffic of the router scores and attention softmax they serve.
+inline __m512 vexp(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(90.0f)), _mm512_set1_ps(-110.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
 // out[t] = dot(w, x[t]) for NT tokens; x rows are ldx apart.
 // One row at a time, front to back: a single sequential stream is what the hardware prefetcher
 // follows best (four interleaved rows reached ~60 % of the bandwidth of this form). Independent FMA
