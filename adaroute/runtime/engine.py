@@ -18,6 +18,7 @@ from torch import nn
 
 from adaroute.kernels import default_kernel, get_kernel
 from adaroute.runtime.attention import attend
+from adaroute.runtime.fused_cpu import FusedDecoder
 from adaroute.runtime.kv_cache import KVCache
 from adaroute.runtime.policy import ExecutionPolicy
 from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, from_model
@@ -52,6 +53,9 @@ class Engine:
         self.kernel = get_kernel(kernel) if isinstance(kernel, str) else (kernel or default_kernel(device))
         self.policy = policy or ExecutionPolicy()
         self.counter: UnitCounter | None = None  # set one to measure the realised density
+        # The CPU kernels can run every layer of a decode step in one library call (same kernels,
+        # no Python between them); None for other kernels and for layers it does not cover.
+        self._fused = FusedDecoder.build(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
 
     @classmethod
     def from_model(cls, model: nn.Module, kernel: ModuleType | str | None = None,
@@ -70,8 +74,15 @@ class Engine:
         b, t = tokens.shape
         sparse = self.policy.sparse(b * t)
         x = self.w.embed[tokens.reshape(-1).to(self.w.embed.device)]  # [N, H]
-        for i, layer in enumerate(self.w.layers):
-            self._layer(x, layer, i, cache, sparse)
+        if self._fused is not None and b * t <= self._fused.max_tokens and cache.k.dtype == torch.float32:
+            counts = self._fused(x, cache, b, sparse)  # [L, N], -1 for layers that ran dense
+            if self.counter is not None and sparse:
+                ran = counts[:, 0] >= 0
+                if bool(ran.any()):
+                    self.counter.add(counts[ran], self._fused.units)
+        else:
+            for i, layer in enumerate(self.w.layers):
+                self._layer(x, layer, i, cache, sparse)
         cache.advance(t)
         x = x.view(b, t, -1) if all_logits else x.view(b, t, -1)[:, -1]  # [B, (T,) H]
         x = self.kernel.rmsnorm(x.reshape(-1, self.w.hidden).contiguous(), self.w.final_norm, self.w.eps)

@@ -160,3 +160,33 @@ def _with_contiguous_ffn_weights(engine):
                                       w_down_t=f.w_down_t.contiguous())
             engine.w.layers[i] = dataclasses.replace(ly, ffn=ffn)
     return engine
+
+
+@pytest.mark.parametrize("which", ["dense", "routed"])
+def test_fused_decode_step_equals_kernel_by_kernel(tiny, routed, which):
+    """The CPU library's one-call decode step runs the same kernels as Engine._layer: same logits,
+    same unit counts, same cache, for padded batches and for prefill + decode."""
+    from adaroute.runtime import UnitCounter
+
+    model, mods = routed
+    set_threshold(mods, -6.0, min_units=8, max_units=100)
+    engines = {}
+    for label in ("fused", "by kernel"):
+        engine = Engine.from_model(tiny if which == "dense" else model, kernel="cpu",
+                                   policy=ExecutionPolicy(sparse_max_tokens=2))
+        assert engine._fused is not None
+        if label == "by kernel":
+            engine._fused = None
+        engine.counter = UnitCounter()
+        engines[label] = engine
+    results = {}
+    for label, engine in engines.items():
+        cache = engine.new_cache(2, 12, pad=torch.tensor([2, 0]))
+        steps = [engine.forward(torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]), cache)]  # prefill, 8 tokens
+        steps += [engine.forward(torch.tensor([[11 + i], [40 + i]]), cache) for i in range(4)]  # 2 in flight
+        results[label] = (torch.stack(steps), cache.k.clone(), engine.counter.units, engine.counter.slots)
+    fused, ref = results["fused"], results["by kernel"]
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert fused[2:] == ref[2:]
+    assert (fused[3] > 0) == (which == "routed")

@@ -1,0 +1,129 @@
+"""All decoder layers of a decode step in one call into the CPU kernel library
+(``adaroute/kernels/csrc/decode_step.cpp``).
+
+The per-layer sequence (norm, q/k/v, attention, o, norm, FFN) is the one ``Engine._layer`` runs
+through the kernel interface; here it runs in C with the weight pointers bound once, which removes
+~8 foreign calls and their argument checks per layer. It applies to Llama-shaped layers (no q/k/v
+bias, no per-head norms), float32 contiguous weights and at most ``cpu.MAX_GEMV_TOKENS`` tokens in
+flight; ``FusedDecoder.build`` returns None for anything else and the engine keeps its Python path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from adaroute.kernels import cpu
+from adaroute.runtime.kv_cache import KVCache
+from adaroute.runtime.weights import DenseFFN, ModelWeights, RoutedFFN
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+class ArLayer(ctypes.Structure):
+    _fields_ = [(name, _P) for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
+                                        "shadow_q", "shadow_scale", "unit_bias")] + \
+               [(name, _I64) for name in ("q_rows", "kv_rows", "units", "ldw", "group_size", "kind", "min_units",
+                                          "max_units")] + [("threshold", ctypes.c_float)]
+
+
+class ArStep(ctypes.Structure):
+    _fields_ = [(name, _P) for name in ("x", "h", "qkv", "attn", "hid", "counts", "k_cache", "v_cache", "pad", "cos",
+                                        "sin")] + \
+               [(name, _I64) for name in ("n_layers", "b", "t", "hidden", "n_heads", "n_kv", "head_dim", "s_max", "pos",
+                                          "sparse", "nthreads")] + [("eps", ctypes.c_float)]
+
+
+def _plain(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() and not t.is_cuda for t in ts)
+
+
+class FusedDecoder:
+    """Runs ``Engine._layer`` for every layer in one library call; see the module docstring."""
+
+    max_tokens = cpu.MAX_GEMV_TOKENS
+
+    def __init__(self, w: ModelWeights, lib):
+        self.w, self._fn = w, lib.ar_decode_layers
+        self._fn.argtypes, self._fn.restype = [ctypes.POINTER(ArLayer), ctypes.POINTER(ArStep)], None
+        self.layers = (ArLayer * len(w.layers))()
+        self._routed = []  # (index, RoutedFFN) of routed layers: their policy is read at every call
+        self.units = w.layers[0].ffn.w_gate.shape[0]  # F (the same in every layer of these models)
+        self._policies = None
+        self._scratch: dict[int, tuple] = {}
+        for i, (ly, c) in enumerate(zip(w.layers, self.layers, strict=True)):
+            c.attn_norm, c.wq, c.wk, c.wv, c.wo, c.mlp_norm = (t.data_ptr() for t in (
+                ly.attn_norm, ly.wq, ly.wk, ly.wv, ly.wo, ly.mlp_norm))
+            c.q_rows, c.kv_rows = ly.wq.shape[0], ly.wk.shape[0]
+            f = ly.ffn
+            c.units = f.w_gate.shape[0]
+            if isinstance(f, DenseFFN):
+                c.kind, c.w_gate, c.w_up, c.w_down = 0, f.w_gate.data_ptr(), f.w_up.data_ptr(), f.w_down.data_ptr()
+            else:
+                c.kind, c.ldw = 1, f.w_gate.stride(0)
+                c.w_gate, c.w_up, c.w_down = f.w_gate.data_ptr(), f.w_up.data_ptr(), f.w_down_t.data_ptr()
+                c.shadow_q, c.shadow_scale, c.unit_bias = (t.data_ptr() for t in (f.shadow_q, f.shadow_scale,
+                                                                                   f.unit_bias))
+                c.group_size = cpu._group_size(ly.mlp_norm.view(1, -1), f.shadow_scale)
+                self._routed.append((i, f))
+
+    @classmethod
+    def build(cls, w: ModelWeights) -> FusedDecoder | None:
+        lib = cpu._lib()
+        if lib is None or not hasattr(lib, "ar_decode_layers") or w.embed.is_cuda or not w.layers:
+            return None
+        for ly in w.layers:
+            if ly.ffn.w_gate.shape[0] != w.layers[0].ffn.w_gate.shape[0]:
+                return None
+            if ly.qkv_bias is not None or ly.q_norm is not None:
+                return None
+            if not _plain(ly.attn_norm, ly.wq, ly.wk, ly.wv, ly.wo, ly.mlp_norm):
+                return None
+            f = ly.ffn
+            if isinstance(f, DenseFFN) and not _plain(f.w_gate, f.w_up, f.w_down):
+                return None
+            if isinstance(f, RoutedFFN):
+                x = torch.empty(1, ly.wq.shape[1])
+                if not cpu._routable(x, f.w_gate, f.w_up, f.w_down_t, f.shadow_scale, f.unit_bias):
+                    return None
+                if not f.shadow_q.is_contiguous() or cpu._group_size(x, f.shadow_scale) % 32:
+                    return None
+        if not _plain(w.rope_cos, w.rope_sin):
+            return None
+        return cls(w, lib)
+
+    def _refresh_policies(self) -> None:
+        policies = [f.policy() for _, f in self._routed]
+        if policies != self._policies:
+            for (i, _), (threshold, lo, hi) in zip(self._routed, policies, strict=True):
+                c = self.layers[i]
+                c.threshold, c.min_units, c.max_units = threshold, lo, hi
+            self._policies = policies
+
+    def _buffers(self, n: int):
+        if n not in self._scratch:
+            w, ly = self.w, self.w.layers[0]
+            width = ly.wq.shape[0] + 2 * ly.wk.shape[0]
+            units = max(layer.ffn.w_gate.shape[0] for layer in w.layers)
+            self._scratch[n] = (torch.empty(n, w.hidden), torch.empty(n, width), torch.empty(n, ly.wq.shape[0]),
+                                torch.empty(n, units), torch.empty(len(w.layers), n, dtype=torch.int64))
+        return self._scratch[n]
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, batch: int, sparse: bool) -> torch.Tensor:
+        """Updates x [N, H] (N = batch * tokens per sequence) through every layer, writes this step's
+        keys and values to the cache; returns units per token [L, N] (-1 for layers run dense)."""
+        n = x.shape[0]
+        cache.check_room(n // batch)
+        if cache.k.dtype != torch.float32:
+            raise ValueError(f"the fused CPU decoder needs a float32 KV cache, got {cache.k.dtype}")
+        self._refresh_policies()
+        h, qkv, attn, hid, counts = self._buffers(n)
+        w = self.w
+        step = ArStep(x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), hid.data_ptr(), counts.data_ptr(),
+                      cache.k.data_ptr(), cache.v.data_ptr(), cache.pad.data_ptr(), w.rope_cos.data_ptr(),
+                      w.rope_sin.data_ptr(), len(w.layers), batch, n // batch, w.hidden, w.n_heads, w.n_kv_heads,
+                      w.head_dim, cache.max_len, cache.pos, int(sparse), torch.get_num_threads(), w.eps)
+        self._fn(self.layers, ctypes.byref(step))
+        return counts
