@@ -12,6 +12,7 @@
 namespace {
 
 constexpr int kScoreBlock = 64; // units scored per work item
+constexpr int kScoreAhead = 8;  // units ahead whose shadow rows the scoring loop prefetches
 
 #ifdef __AVX512F__
 // log(x) for x > 0: x = m * 2^k with m in [0.75, 1.5), log m = 2 atanh((m - 1) / (m + 1)).
@@ -292,6 +293,15 @@ struct RoutedCall {
                                shadow_q + (f + i + 1) * half};
         const float* sw[4] = {shadow_scale + i * scale_cols, shadow_scale + (f + i) * scale_cols,
                               shadow_scale + (i + 1) * scale_cols, shadow_scale + (f + i + 1) * scale_cols};
+        const int64_t a = std::min(i + kScoreAhead, f - 2);  // rows a few units on, into L2
+        for (int64_t b = 0; b < 2 * half; b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(shadow_q + a * half + b), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(shadow_q + (f + a) * half + b), _MM_HINT_T1);
+        }
+        for (int64_t b = 0; b < 2 * scale_cols; b += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(shadow_scale + a * scale_cols + b), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(shadow_scale + (f + a) * scale_cols + b), _MM_HINT_T1);
+        }
         float r[4];
         shadow_rows4(q, sw, qx, 0, r);
         gh[i - i0] = r[0], uh[i - i0] = r[1], gh[i + 1 - i0] = r[2], uh[i + 1 - i0] = r[3];
