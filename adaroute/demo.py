@@ -59,4 +59,5 @@ def _print_table(q: dict, speed: dict) -> None:
     print(format_table(["", "dense (adaroute runtime)", "routed"], rows))
     print(f"transformers eager decode: {hf.decode_tokens_per_s:.1f} tokens/s "
           f"(adaroute dense {dense.decode_tokens_per_s / hf.decode_tokens_per_s:.2f}×, "
-          f"routed {routed.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}× adaroute dense)")
+          f"routed {routed.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}× adaroute dense, "
+          f"ideal from weight bytes {routed.ideal_vs_dense or float('nan'):.2f}×)")
