@@ -40,6 +40,9 @@ def run(args) -> int:
     from adaroute.models import load_model, resolve
 
     batches = parse_batches(args.batch)
+    if args.new_tokens < 2:
+        raise AdarouteError("--new-tokens: give at least 2 (the first token comes from the prefill; decode "
+                            "speed is timed from the second)")
     if args.kernel is not None and args.kernel not in known_kernels():
         raise AdarouteError(f"--kernel {args.kernel!r}: choose one of {', '.join(known_kernels())}")
     setup_threads()

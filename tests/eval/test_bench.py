@@ -96,3 +96,14 @@ def test_cli_bench_rejects_bad_batches():
     assert parse_batches("1,4") == [1, 4]
     with pytest.raises(AdarouteError, match="--batch"):
         parse_batches("1,x")
+
+
+def test_cli_bench_needs_two_new_tokens(tmp_path, capsys):
+    from adaroute.cli import main
+    from tests.fixtures import write_hf_dir
+
+    write_hf_dir(tmp_path / "tiny")
+    capsys.readouterr()
+    assert main(["bench", str(tmp_path / "tiny"), "--new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--new-tokens" in err[0] and "Traceback" not in err[0]
