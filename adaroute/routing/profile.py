@@ -52,6 +52,22 @@ class LayerProfile:
                 return th[i - 1] * (1 - w) + th[i] * w
         return th[-1]
 
+    def density_at(self, threshold: float) -> float:
+        """The calibrated density a ``threshold`` gives (the inverse of ``threshold_at``; thresholds
+        fall as density rises), interpolated linearly between grid points."""
+        g, th = self.grid, self.thresholds
+        if threshold == -math.inf:
+            return 1.0
+        if threshold >= th[0]:
+            return g[0]  # at most the sparsest calibrated point
+        for i in range(1, len(g)):
+            if threshold >= th[i]:
+                if not math.isfinite(th[i]):
+                    return g[i - 1]
+                w = (th[i - 1] - threshold) / (th[i - 1] - th[i]) if th[i - 1] != th[i] else 1.0
+                return g[i - 1] * (1 - w) + g[i] * w
+        return 1.0
+
 
 def layer_densities(profiles: list[LayerProfile], density: float, allocation: str, lo: float, hi: float) -> list[float]:
     """Per-layer densities for a new global ``density`` from stored sensitivities."""

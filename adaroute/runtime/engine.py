@@ -56,6 +56,7 @@ class Engine:
         # The CPU kernels can run every layer of a decode step in one library call (same kernels,
         # no Python between them); None for other kernels and for layers it does not cover.
         self._fused = FusedDecoder.build(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
+        self._limits_key, self._limits = None, []
 
     @classmethod
     def from_model(cls, model: nn.Module, kernel: ModuleType | str | None = None,
@@ -72,22 +73,32 @@ class Engine:
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits of the last position [B, V] (or of every position [B, T, V])."""
         b, t = tokens.shape
-        sparse = self.policy.sparse(b * t)
+        limits = self.sparse_limits()
         x = self.w.embed[tokens.reshape(-1).to(self.w.embed.device)]  # [N, H]
         if self._fused is not None and b * t <= self._fused.max_tokens and cache.k.dtype == torch.float32:
-            counts = self._fused(x, cache, b, sparse)  # [L, N], -1 for layers that ran dense
-            if self.counter is not None and sparse:
+            counts = self._fused(x, cache, b, limits)  # [L, N], -1 for layers that ran dense
+            if self.counter is not None and b * t <= max(limits, default=0):
                 ran = counts[:, 0] >= 0
                 if bool(ran.any()):
                     self.counter.add(counts[ran], self._fused.units)
         else:
             for i, layer in enumerate(self.w.layers):
-                self._layer(x, layer, i, cache, sparse)
+                self._layer(x, layer, i, cache, b * t <= limits[i])
         cache.advance(t)
         x = x.view(b, t, -1) if all_logits else x.view(b, t, -1)[:, -1]  # [B, (T,) H]
         x = self.kernel.rmsnorm(x.reshape(-1, self.w.hidden).contiguous(), self.w.final_norm, self.w.eps)
         logits = self.kernel.linear(x, self.w.head)  # [B*(T), V]
         return logits.view(b, t, -1) if all_logits else logits
+
+    def sparse_limits(self) -> list[int]:
+        """Per layer, the most tokens in flight at which it runs sparse (0 for dense layers), from
+        the execution policy and each routed layer's current threshold; recomputed on change."""
+        key = (self.policy, *(ly.ffn.policy() for ly in self.w.layers if isinstance(ly.ffn, RoutedFFN)))
+        if key != self._limits_key:
+            self._limits = [self.policy.layer_max_tokens(ly.ffn.expected_density(), ly.ffn.router_share)
+                            if isinstance(ly.ffn, RoutedFFN) else 0 for ly in self.w.layers]
+            self._limits_key = key
+        return self._limits
 
     def _layer(self, x: torch.Tensor, layer: LayerWeights, i: int, cache: KVCache, sparse: bool):
         """Updates the residual stream x [N, H] in place."""

@@ -26,14 +26,14 @@ class ArLayer(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
                                         "shadow_q", "shadow_scale", "unit_bias")] + \
                [(name, _I64) for name in ("q_rows", "kv_rows", "units", "ldw", "group_size", "kind", "min_units",
-                                          "max_units")] + [("threshold", ctypes.c_float)]
+                                          "max_units", "sparse_max_tokens")] + [("threshold", ctypes.c_float)]
 
 
 class ArStep(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("x", "h", "qkv", "attn", "hid", "counts", "k_cache", "v_cache", "pad", "cos",
                                         "sin")] + \
                [(name, _I64) for name in ("n_layers", "b", "t", "hidden", "n_heads", "n_kv", "head_dim", "s_max", "pos",
-                                          "sparse", "nthreads")] + [("eps", ctypes.c_float)]
+                                          "nthreads")] + [("eps", ctypes.c_float)]
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -51,7 +51,7 @@ class FusedDecoder:
         self.layers = (ArLayer * len(w.layers))()
         self._routed = []  # (index, RoutedFFN) of routed layers: their policy is read at every call
         self.units = w.layers[0].ffn.w_gate.shape[0]  # F (the same in every layer of these models)
-        self._policies = None
+        self._policies = self._limits = None
         self._scratch: dict[int, tuple] = {}
         for i, (ly, c) in enumerate(zip(w.layers, self.layers, strict=True)):
             c.attn_norm, c.wq, c.wk, c.wv, c.wo, c.mlp_norm = (t.data_ptr() for t in (
@@ -94,13 +94,13 @@ class FusedDecoder:
             return None
         return cls(w, lib)
 
-    def _refresh_policies(self) -> None:
+    def _refresh(self, limits: list[int]) -> None:
         policies = [f.policy() for _, f in self._routed]
-        if policies != self._policies:
+        if policies != self._policies or limits is not self._limits:
             for (i, _), (threshold, lo, hi) in zip(self._routed, policies, strict=True):
                 c = self.layers[i]
-                c.threshold, c.min_units, c.max_units = threshold, lo, hi
-            self._policies = policies
+                c.threshold, c.min_units, c.max_units, c.sparse_max_tokens = threshold, lo, hi, limits[i]
+            self._policies, self._limits = policies, limits
 
     def _buffers(self, n: int):
         if n not in self._scratch:
@@ -111,19 +111,20 @@ class FusedDecoder:
                                 torch.empty(n, units), torch.empty(len(w.layers), n, dtype=torch.int64))
         return self._scratch[n]
 
-    def __call__(self, x: torch.Tensor, cache: KVCache, batch: int, sparse: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: KVCache, batch: int, limits: list[int]) -> torch.Tensor:
         """Updates x [N, H] (N = batch * tokens per sequence) through every layer, writes this step's
-        keys and values to the cache; returns units per token [L, N] (-1 for layers run dense)."""
+        keys and values to the cache; returns units per token [L, N] (-1 for layers run dense).
+        ``limits[i]``: most tokens in flight at which layer i runs sparse (``Engine.sparse_limits``)."""
         n = x.shape[0]
         cache.check_room(n // batch)
         if cache.k.dtype != torch.float32:
             raise ValueError(f"the fused CPU decoder needs a float32 KV cache, got {cache.k.dtype}")
-        self._refresh_policies()
+        self._refresh(limits)
         h, qkv, attn, hid, counts = self._buffers(n)
         w = self.w
         step = ArStep(x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), hid.data_ptr(), counts.data_ptr(),
                       cache.k.data_ptr(), cache.v.data_ptr(), cache.pad.data_ptr(), w.rope_cos.data_ptr(),
                       w.rope_sin.data_ptr(), len(w.layers), batch, n // batch, w.hidden, w.n_heads, w.n_kv_heads,
-                      w.head_dim, cache.max_len, cache.pos, int(sparse), torch.get_num_threads(), w.eps)
+                      w.head_dim, cache.max_len, cache.pos, torch.get_num_threads(), w.eps)
         self._fn(self.layers, ctypes.byref(step))
         return counts

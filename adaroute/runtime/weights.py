@@ -46,6 +46,19 @@ class RoutedFFN:
         m = self.module
         return float(m.threshold), int(m.min_units), int(m.max_units)
 
+    def expected_density(self) -> float | None:
+        """The density the current threshold gives on calibration text, or None without a profile."""
+        profile = getattr(self.module, "profile", None)
+        return None if profile is None else profile.density_at(float(self.module.threshold))
+
+    @property
+    def router_share(self) -> float:
+        """Router bytes over the FFN's weight bytes."""
+        def nbytes(*ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        return nbytes(self.shadow_q, self.shadow_scale, self.unit_bias) / nbytes(self.w_gate, self.w_up, self.w_down_t)
+
 
 @dataclass(frozen=True)
 class LayerWeights:

@@ -66,3 +66,17 @@ def test_config_errors_name_the_field():
         RoutingConfig(policy="random")
     with pytest.raises(ValueError, match="group_size"):
         RoutingConfig(group_size=0)
+
+
+def test_profile_density_at_inverts_threshold_at():
+    import math
+
+    from adaroute.routing.profile import PROFILE_GRID, LayerProfile
+
+    grid = list(PROFILE_GRID)
+    thresholds = [2.0 - 0.3 * i for i in range(len(grid) - 1)] + [-math.inf]
+    profile = LayerProfile(grid, thresholds, [0.0] * len(grid), 0.5, "adaptive", 0, 100)
+    for density in (0.05, 0.12, 0.35, 0.5, 0.77, 0.95):
+        assert profile.density_at(profile.threshold_at(density)) == pytest.approx(density)
+    assert profile.density_at(-math.inf) == 1.0
+    assert profile.density_at(10.0) == grid[0]  # above every calibrated threshold: the sparsest point

@@ -162,31 +162,91 @@ def _with_contiguous_ffn_weights(engine):
     return engine
 
 
-@pytest.mark.parametrize("which", ["dense", "routed"])
-def test_fused_decode_step_equals_kernel_by_kernel(tiny, routed, which):
-    """The CPU library's one-call decode step runs the same kernels as Engine._layer: same logits,
-    same unit counts, same cache, for padded batches and for prefill + decode."""
+def _fused_and_by_kernel(model, policy):
+    """Logits of a padded prefill and four 2-sequence decode steps, the cache and the unit counts,
+    from the fused CPU step and from the kernel-by-kernel path."""
     from adaroute.runtime import UnitCounter
 
-    model, mods = routed
-    set_threshold(mods, -6.0, min_units=8, max_units=100)
-    engines = {}
+    results = {}
     for label in ("fused", "by kernel"):
-        engine = Engine.from_model(tiny if which == "dense" else model, kernel="cpu",
-                                   policy=ExecutionPolicy(sparse_max_tokens=2))
+        engine = Engine.from_model(model, kernel="cpu", policy=policy)
         assert engine._fused is not None
         if label == "by kernel":
             engine._fused = None
         engine.counter = UnitCounter()
-        engines[label] = engine
-    results = {}
-    for label, engine in engines.items():
         cache = engine.new_cache(2, 12, pad=torch.tensor([2, 0]))
         steps = [engine.forward(torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]]), cache)]  # prefill, 8 tokens
         steps += [engine.forward(torch.tensor([[11 + i], [40 + i]]), cache) for i in range(4)]  # 2 in flight
         results[label] = (torch.stack(steps), cache.k.clone(), engine.counter.units, engine.counter.slots)
-    fused, ref = results["fused"], results["by kernel"]
+    return results["fused"], results["by kernel"]
+
+
+@pytest.mark.parametrize("which", ["dense", "routed"])
+def test_fused_decode_step_equals_kernel_by_kernel(tiny, routed, which):
+    """The CPU library's one-call decode step runs the same kernels as Engine._layer: same logits,
+    same unit counts, same cache, for padded batches and for prefill + decode."""
+    model, mods = routed
+    set_threshold(mods, -6.0, min_units=8, max_units=100)
+    fused, ref = _fused_and_by_kernel(tiny if which == "dense" else model, ExecutionPolicy(sparse_max_tokens=2))
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
     assert fused[2:] == ref[2:]
     assert (fused[3] > 0) == (which == "routed")
+
+
+def test_fused_step_applies_per_layer_limits_like_the_kernel_path(routed):
+    """Default policy with one layer sparse at two tokens in flight and the other dense."""
+    from adaroute.routing.profile import PROFILE_GRID, LayerProfile
+
+    model, mods = routed
+    grid = list(PROFILE_GRID)
+    for m in mods:
+        m.profile = LayerProfile(grid, [2.0 - 0.3 * i for i in range(len(grid) - 1)] + [-math.inf],
+                                 [0.0] * len(grid), 0.5, "adaptive", 0, m.units)
+    try:
+        set_threshold(mods, 0.0, min_units=8, max_units=100)
+        mods[0].threshold, mods[1].threshold = mods[0].profile.threshold_at(0.2), mods[1].profile.threshold_at(0.6)
+        fused, ref = _fused_and_by_kernel(model, ExecutionPolicy(None))
+        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+        assert fused[2:] == ref[2:]
+        units = mods[0].units
+        assert fused[3] == 4 * 2 * units  # 4 steps x 2 tokens: only layer 0 ran sparse at 2 in flight
+    finally:
+        for m in mods:
+            m.profile = None
+
+
+def test_default_policy_models_the_crossover_per_layer():
+    from adaroute.runtime.policy import sparse_byte_share
+
+    policy = ExecutionPolicy(None)
+    assert sparse_byte_share(0.35, 2, 0.105) == pytest.approx(1 - 0.65 ** 2 + 0.21)
+    # low density: two tokens still read well under the dense bytes; 0.5: not by enough; 0.9: never
+    assert policy.layer_max_tokens(0.35, 0.105) == 2
+    assert policy.layer_max_tokens(0.2, 0.105) == 3
+    assert policy.layer_max_tokens(0.5, 0.105) == 1
+    assert policy.layer_max_tokens(0.9, 0.105) == 1  # one token in flight is always sparse
+    assert policy.layer_max_tokens(None, 0.105) == 1  # density unknown: decode only
+    assert ExecutionPolicy(3).layer_max_tokens(0.9, 0.105) == 3  # a fixed crossover wins
+
+
+def test_engine_limits_follow_each_layers_threshold(routed):
+    from adaroute.routing.profile import PROFILE_GRID, LayerProfile
+
+    model, mods = routed
+    grid = list(PROFILE_GRID)
+    for m in mods:
+        m.profile = LayerProfile(grid, [2.0 - 0.3 * i for i in range(len(grid) - 1)] + [-math.inf],
+                                 [0.0] * len(grid), 0.5, "adaptive", 0, m.units)
+    try:
+        mods[0].threshold, mods[1].threshold = mods[0].profile.threshold_at(0.2), mods[1].profile.threshold_at(0.6)
+        engine = Engine.from_model(model, kernel="cpu", policy=ExecutionPolicy(None))
+        share = engine.w.layers[0].ffn.router_share
+        assert engine.sparse_limits() == [ExecutionPolicy(None).layer_max_tokens(0.2, share),
+                                          ExecutionPolicy(None).layer_max_tokens(0.6, share)]
+        assert engine.sparse_limits()[0] > 1 and engine.sparse_limits()[1] == 1
+        mods[1].threshold = mods[1].profile.threshold_at(0.2)  # a density override is seen at once
+        assert engine.sparse_limits()[1] == engine.sparse_limits()[0]
+    finally:
+        for m in mods:
+            m.profile = None

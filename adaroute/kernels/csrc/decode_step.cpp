@@ -2,11 +2,11 @@
 //
 // Per layer: RMSNorm -> q, k, v -> attention (RoPE, cache write) -> o + residual -> RMSNorm -> FFN +
 // residual, where the FFN is dense (w_down [H, F]) or routed: sparse (score -> select -> gather) or,
-// when the step is not sparse, every unit in the unit layout. The kernels are the ones the Python
-// path calls one by one; doing the sequence here saves ~8 foreign calls per layer (Python glue was
-// ~15 % of a decode step of the embedded model).
+// with more tokens in flight than the layer's sparse limit, every unit in the unit layout. The
+// kernels are the ones the Python path calls one by one; doing the sequence here saves ~8 foreign
+// calls per layer (Python glue was ~15 % of a decode step of the embedded model).
 // Layouts and shapes are described by ArLayer / ArStep, mirrored by ctypes structures in
-// adaroute/kernels/cpu_fused.py (field order and types must match).
+// adaroute/runtime/fused_cpu.py (field order and types must match).
 #include "common.h"
 
 extern "C" {
@@ -31,8 +31,9 @@ struct ArLayer {
   const float *shadow_scale, *unit_bias;
   int64_t q_rows, kv_rows;              // Q*D and K*D
   int64_t units, ldw, group_size;
-  int64_t kind;                         // 0 dense FFN, 1 routed FFN (dense when the step is not sparse)
+  int64_t kind;                         // 0 dense FFN, 1 routed FFN
   int64_t min_units, max_units;
+  int64_t sparse_max_tokens;            // kind 1: sparse while at most this many tokens are in flight
   float threshold;
 };
 
@@ -43,7 +44,7 @@ struct ArStep {
   float *k_cache, *v_cache;          // [L, B, K, S, D]
   const int64_t* pad;                // [B]
   const float *cos, *sin;            // [positions, D]
-  int64_t n_layers, b, t, hidden, n_heads, n_kv, head_dim, s_max, pos, sparse, nthreads;
+  int64_t n_layers, b, t, hidden, n_heads, n_kv, head_dim, s_max, pos, nthreads;
   float eps;
 };
 
@@ -71,7 +72,7 @@ void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
       continue;
     }
     const bool every_unit = std::isinf(ly.threshold) && ly.threshold < 0 && ly.max_units >= ly.units;
-    const bool sparse = s->sparse && !every_unit;
+    const bool sparse = n <= ly.sparse_max_tokens && !every_unit;
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, sparse ? 0 : 1, s->x, counts,
                   1, th);
