@@ -52,11 +52,11 @@ class BenchRecord:
     prefill_tokens_per_s: float
     peak_rss_mb: float
     engine_mb: float
-    weight_mb_per_token: float | None = None
+    weight_mb_per_step: float | None = None  # weight bytes one decode step reads (batch 1: per token)
     density: float | None = None
     repeats: int = 0
     vs_dense: float | None = None  # decode tokens/s over adaroute-dense's at the same batch
-    ideal_vs_dense: float | None = None  # adaroute-dense's weight bytes per token over this engine's
+    ideal_vs_dense: float | None = None  # adaroute-dense's weight bytes per step over this engine's
     note: str = ""
 
 
@@ -67,7 +67,7 @@ class BenchEngine:
     name: str
     generate: Callable[[list[list[int]], int], Run]
     weight_bytes: int  # bytes of weights the engine holds
-    bytes_per_token: Callable[[], int | None] = lambda: None  # weight bytes read per decoded token
+    bytes_per_step: Callable[[], int | None] = lambda: None  # weight bytes one decode step reads (batch 1)
     density: Callable[[], float | None] = lambda: None
     reset: Callable[[], None] = lambda: None  # forget what earlier runs counted (a new batch size)
     runs: list[Run] = field(default_factory=list)
@@ -133,8 +133,8 @@ def _dense_routing(model: nn.Module):
             m.threshold, m.min_units, m.max_units = threshold, lo, hi
 
 
-def hf_eager_engine(model: nn.Module, bytes_per_token: Callable[[], int | None] | None = None) -> BenchEngine:
-    """``bytes_per_token``: weight bytes one decode step reads (default: every parameter's, an upper
+def hf_eager_engine(model: nn.Module, bytes_per_step: Callable[[], int | None] | None = None) -> BenchEngine:
+    """``bytes_per_step``: weight bytes one decode step reads (default: every parameter's, an upper
     bound; build_engines passes the runtime's count of the same dense step)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -158,7 +158,7 @@ def hf_eager_engine(model: nn.Module, bytes_per_token: Callable[[], int | None] 
         return Run(ids.numel(), ids.shape[0], clock.times[0] - start, steps)
 
     weights = _tensor_bytes(model.parameters())
-    return BenchEngine("transformers-eager", generate, weights, bytes_per_token or (lambda: weights))
+    return BenchEngine("transformers-eager", generate, weights, bytes_per_step or (lambda: weights))
 
 
 def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None, name: str | None = None) -> BenchEngine:
@@ -269,8 +269,8 @@ def relate_to_dense(records: list[BenchRecord]) -> list[BenchRecord]:
         if base is None:
             continue
         r.vs_dense = round(r.decode_tokens_per_s / base.decode_tokens_per_s, 3)
-        if r.weight_mb_per_token and base.weight_mb_per_token:
-            r.ideal_vs_dense = round(base.weight_mb_per_token / r.weight_mb_per_token, 3)
+        if r.weight_mb_per_step and base.weight_mb_per_step:
+            r.ideal_vs_dense = round(base.weight_mb_per_step / r.weight_mb_per_step, 3)
     return records
 
 
@@ -281,28 +281,30 @@ def _record(e: BenchEngine, new_tokens: int) -> BenchRecord:
     decode = statistics.median(batch * len(r.step_s) / sum(r.step_s) for r in e.runs)
     prefill = statistics.median(r.prompt_tokens / r.prefill_s for r in e.runs)
     q = statistics.quantiles(steps, n=20) if len(steps) > 1 else steps * 19
-    per_token = e.bytes_per_token()
+    per_step = e.bytes_per_step()  # per decode step, i.e. per token at batch 1
+    if batch > 1 and e.density() is not None:
+        per_step = None  # a sparse step reads the union of its tokens' units, which per-token counts do not give
     return BenchRecord(
         engine=e.name, batch=batch, new_tokens=new_tokens, decode_tokens_per_s=round(decode, 2),
         latency_p50_ms=round(1e3 * statistics.median(steps), 2), latency_p95_ms=round(1e3 * q[18], 2),
         prefill_tokens_per_s=round(prefill, 1), peak_rss_mb=round(e.peak_rss / MB, 1),
         engine_mb=round((e.weight_bytes + e.growth) / MB, 1),
-        weight_mb_per_token=None if per_token is None else round(per_token / MB, 3),
+        weight_mb_per_step=None if per_step is None else round(per_step / MB, 3),
         density=None if e.density() is None else round(e.density(), 3), repeats=len(e.runs))
 
 
 def format_table(records: Sequence[BenchRecord]) -> str:
     """A plain-text table. ``vs dense``: decode speed over adaroute-dense's at the same batch;
-    ``ideal``: the ratio the weight bytes read per token imply; ``of ideal``: achieved/ideal."""
+    ``ideal``: the ratio the weight bytes read per step imply; ``of ideal``: achieved/ideal."""
     head = f"{'engine':<20}{'batch':>6}{'decode tok/s':>14}{'vs dense':>10}{'ideal':>8}{'of ideal':>10}" \
-           f"{'p50 ms':>9}{'p95 ms':>9}{'prefill tok/s':>15}{'MB/token':>10}{'engine MB':>11}{'density':>9}"
+           f"{'p50 ms':>9}{'p95 ms':>9}{'prefill tok/s':>15}{'MB/step':>10}{'engine MB':>11}{'density':>9}"
     lines = [head, "-" * len(head)]
     for r in records:
         of_ideal = r.vs_dense / r.ideal_vs_dense if r.vs_dense and r.ideal_vs_dense else None
         lines.append(f"{r.engine:<20}{r.batch:>6}{r.decode_tokens_per_s:>14.1f}{_fmt(r.vs_dense, '.2f', 'x'):>10}"
                      f"{_fmt(r.ideal_vs_dense, '.2f', 'x'):>8}{_fmt(of_ideal, '.0%'):>10}"
                      f"{r.latency_p50_ms:>9.1f}{r.latency_p95_ms:>9.1f}{r.prefill_tokens_per_s:>15.1f}"
-                     f"{_fmt(r.weight_mb_per_token):>10}{r.engine_mb:>11.0f}{_fmt(r.density, '.2f'):>9}")
+                     f"{_fmt(r.weight_mb_per_step):>10}{r.engine_mb:>11.0f}{_fmt(r.density, '.2f'):>9}")
     return "\n".join(lines)
 
 
@@ -322,7 +324,7 @@ def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int |
     from adaroute.runtime.weights import is_routed_mlp
 
     dense = runtime_engine(model, routed=False, kernel=kernel)
-    engines = [hf_eager_engine(model, dense.bytes_per_token), dense]
+    engines = [hf_eager_engine(model, dense.bytes_per_step), dense]
     if any(is_routed_mlp(m) for m in model.modules()):
         engines.append(runtime_engine(model, routed=True, kernel=kernel))
     if gguf_path:

@@ -41,13 +41,13 @@ def test_routed_model_adds_a_routed_engine():
     assert len(routed) == 1 and 0 < routed[0].density < 1
     dense = next(r for r in recs if r.engine == "adaroute-dense")
     # the dense engine reads no router; the ideal ratio is the byte ratio, the achieved one the speed ratio
-    assert dense.weight_mb_per_token == next(r for r in recs if r.engine == "transformers-eager").weight_mb_per_token
-    assert routed[0].ideal_vs_dense == round(dense.weight_mb_per_token / routed[0].weight_mb_per_token, 3)
+    assert dense.weight_mb_per_step == next(r for r in recs if r.engine == "transformers-eager").weight_mb_per_step
+    assert routed[0].ideal_vs_dense == round(dense.weight_mb_per_step / routed[0].weight_mb_per_step, 3)
     assert routed[0].vs_dense == round(routed[0].decode_tokens_per_s / dense.decode_tokens_per_s, 3)
     # two sequences in flight run dense under the default policy: no density, dense bytes
     recs = run_engines(engines, [[1, 2, 3], [4, 5, 6]], new_tokens=4, repeats=1, warmup_tokens=2)
     routed = next(r for r in recs if r.engine == "adaroute-routed")
-    assert routed.density is None and routed.weight_mb_per_token == dense.weight_mb_per_token
+    assert routed.density is None and routed.weight_mb_per_step == dense.weight_mb_per_step
 
 
 def test_table_and_json(records, tmp_path):
