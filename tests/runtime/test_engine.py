@@ -194,26 +194,30 @@ def test_fused_decode_step_equals_kernel_by_kernel(tiny, routed, which):
     assert (fused[3] > 0) == (which == "routed")
 
 
-def test_fused_step_applies_per_layer_limits_like_the_kernel_path(routed):
-    """Default policy with one layer sparse at two tokens in flight and the other dense."""
+@pytest.fixture
+def profiled(routed):
+    """The routed tiny model with a calibrated-looking profile per layer, layer 0 at density 0.2 and
+    layer 1 at 0.6 (so at two tokens in flight the default policy runs layer 0 sparse, layer 1 dense)."""
     from adaroute.routing.profile import PROFILE_GRID, LayerProfile
 
     model, mods = routed
     grid = list(PROFILE_GRID)
-    for m in mods:
+    set_threshold(mods, 0.0, min_units=8, max_units=100)
+    for m, density in zip(mods, (0.2, 0.6), strict=True):
         m.profile = LayerProfile(grid, [2.0 - 0.3 * i for i in range(len(grid) - 1)] + [-math.inf],
-                                 [0.0] * len(grid), 0.5, "adaptive", 0, m.units)
-    try:
-        set_threshold(mods, 0.0, min_units=8, max_units=100)
-        mods[0].threshold, mods[1].threshold = mods[0].profile.threshold_at(0.2), mods[1].profile.threshold_at(0.6)
-        fused, ref = _fused_and_by_kernel(model, ExecutionPolicy(None))
-        torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
-        assert fused[2:] == ref[2:]
-        units = mods[0].units
-        assert fused[3] == 4 * 2 * units  # 4 steps x 2 tokens: only layer 0 ran sparse at 2 in flight
-    finally:
-        for m in mods:
-            m.profile = None
+                                 [0.0] * len(grid), density, "adaptive", 0, m.units)
+        m.threshold = m.profile.threshold_at(density)
+    yield model, mods
+    for m in mods:
+        m.profile = None
+
+
+def test_fused_step_applies_per_layer_limits_like_the_kernel_path(profiled):
+    model, mods = profiled
+    fused, ref = _fused_and_by_kernel(model, ExecutionPolicy(None))
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert fused[2:] == ref[2:]
+    assert fused[3] == 4 * 2 * mods[0].units  # 4 steps x 2 tokens: only layer 0 ran sparse at 2 in flight
 
 
 def test_default_policy_models_the_crossover_per_layer():
@@ -230,23 +234,12 @@ def test_default_policy_models_the_crossover_per_layer():
     assert ExecutionPolicy(3).layer_max_tokens(0.9, 0.105) == 3  # a fixed crossover wins
 
 
-def test_engine_limits_follow_each_layers_threshold(routed):
-    from adaroute.routing.profile import PROFILE_GRID, LayerProfile
-
-    model, mods = routed
-    grid = list(PROFILE_GRID)
-    for m in mods:
-        m.profile = LayerProfile(grid, [2.0 - 0.3 * i for i in range(len(grid) - 1)] + [-math.inf],
-                                 [0.0] * len(grid), 0.5, "adaptive", 0, m.units)
-    try:
-        mods[0].threshold, mods[1].threshold = mods[0].profile.threshold_at(0.2), mods[1].profile.threshold_at(0.6)
-        engine = Engine.from_model(model, kernel="cpu", policy=ExecutionPolicy(None))
-        share = engine.w.layers[0].ffn.router_share
-        assert engine.sparse_limits() == [ExecutionPolicy(None).layer_max_tokens(0.2, share),
-                                          ExecutionPolicy(None).layer_max_tokens(0.6, share)]
-        assert engine.sparse_limits()[0] > 1 and engine.sparse_limits()[1] == 1
-        mods[1].threshold = mods[1].profile.threshold_at(0.2)  # a density override is seen at once
-        assert engine.sparse_limits()[1] == engine.sparse_limits()[0]
-    finally:
-        for m in mods:
-            m.profile = None
+def test_engine_limits_follow_each_layers_threshold(profiled):
+    model, mods = profiled
+    engine = Engine.from_model(model, kernel="cpu", policy=ExecutionPolicy(None))
+    share = engine.w.layers[0].ffn.router_share
+    assert engine.sparse_limits() == [ExecutionPolicy(None).layer_max_tokens(0.2, share),
+                                      ExecutionPolicy(None).layer_max_tokens(0.6, share)]
+    assert engine.sparse_limits()[0] > 1 and engine.sparse_limits()[1] == 1
+    mods[1].threshold = mods[1].profile.threshold_at(0.2)  # a density override is seen at once
+    assert engine.sparse_limits()[1] == engine.sparse_limits()[0]
