@@ -5,8 +5,9 @@ Shape letters:
     H  hidden       V  vocabulary                 F  FFN units
 
 Every weight-heavy product goes through a kernel from the registry (``adaroute.kernels``); the
-engine itself only wires layers together. Per forward call the execution policy decides, from the
-number of tokens in flight, whether routed FFNs run sparse (decode) or dense (prefill).
+engine itself only wires layers together. Per forward call and routed layer the execution policy
+decides, from the number of tokens in flight and the layer's density, whether it runs sparse
+(decode, small batches at low density) or dense (prefill, larger batches).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class FusedDecoder:
         self.layers = (ArLayer * len(w.layers))()
         self._routed = []  # (index, RoutedFFN) of routed layers: their policy is read at every call
         self.units = w.layers[0].ffn.w_gate.shape[0]  # F (the same in every layer of these models)
-        self._policies = self._limits = None
+        self._limits = None
         self._scratch: dict[int, tuple] = {}
         for i, (ly, c) in enumerate(zip(w.layers, self.layers, strict=True)):
             c.attn_norm, c.wq, c.wk, c.wv, c.wo, c.mlp_norm = (t.data_ptr() for t in (
@@ -95,12 +95,14 @@ class FusedDecoder:
         return cls(w, lib)
 
     def _refresh(self, limits: list[int]) -> None:
-        policies = [f.policy() for _, f in self._routed]
-        if policies != self._policies or limits is not self._limits:
-            for (i, _), (threshold, lo, hi) in zip(self._routed, policies, strict=True):
-                c = self.layers[i]
-                c.threshold, c.min_units, c.max_units, c.sparse_max_tokens = threshold, lo, hi, limits[i]
-            self._policies, self._limits = policies, limits
+        """Copies the routed layers' policies in; ``Engine.sparse_limits`` hands out a new list
+        whenever any policy changed, so the same list means nothing to copy."""
+        if limits is self._limits:
+            return
+        for i, f in self._routed:
+            c = self.layers[i]
+            (c.threshold, c.min_units, c.max_units), c.sparse_max_tokens = f.policy(), limits[i]
+        self._limits = limits
 
     def _buffers(self, n: int):
         if n not in self._scratch:
