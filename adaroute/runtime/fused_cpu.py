@@ -49,7 +49,7 @@ class FusedDecoder:
         self.w, self._fn = w, lib.ar_decode_layers
         self._fn.argtypes, self._fn.restype = [ctypes.POINTER(ArLayer), ctypes.POINTER(ArStep)], None
         self.layers = (ArLayer * len(w.layers))()
-        self._routed = []  # (index, RoutedFFN) of routed layers: their policy is read at every call
+        self._routed = []  # (index, RoutedFFN) of routed layers: their policy is copied in when it changes
         self.units = w.layers[0].ffn.w_gate.shape[0]  # F (the same in every layer of these models)
         self._limits = None
         self._scratch: dict[int, tuple] = {}
@@ -74,8 +74,10 @@ class FusedDecoder:
         lib = cpu._lib()
         if lib is None or not hasattr(lib, "ar_decode_layers") or w.embed.is_cuda or not w.layers:
             return None
-        for ly in w.layers:
-            if ly.ffn.w_gate.shape[0] != w.layers[0].ffn.w_gate.shape[0]:
+        first = w.layers[0]
+        for ly in w.layers:  # the scratch buffers are sized once for every layer
+            if (ly.ffn.w_gate.shape, ly.wq.shape, ly.wk.shape) != (first.ffn.w_gate.shape, first.wq.shape,
+                                                                    first.wk.shape):
                 return None
             if ly.qkv_bias is not None or ly.q_norm is not None:
                 return None
