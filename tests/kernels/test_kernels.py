@@ -73,6 +73,12 @@ def test_odd_input_length_uses_masked_tail(cpu):
 def test_routed_ffn_matches_reference(cpu, tokens, density):
     t = routed_tensors(seed=tokens)
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(100 + tokens))
+    assert_routed_matches_reference(cpu, x, t, density)
+
+
+def assert_routed_matches_reference(cpu, x, t, density):
+    """cpu.routed_ffn == reference.routed_ffn (units per token and output) at a threshold giving
+    ``density`` (0.0: no unit, 1.0: every unit), no guards."""
     scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
     thr = {0.0: math.inf, 1.0: -math.inf}.get(density) or gap_threshold(scores, density)
     y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
@@ -250,12 +256,7 @@ def test_unit_views_are_detected():
 def test_routed_ffn_on_unit_packed_weights(cpu, tokens, density):
     t = packed(routed_tensors(seed=20 + tokens))
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens))
-    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
-    thr = {0.0: math.inf, 1.0: -math.inf}.get(density) or gap_threshold(scores, density)
-    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
-    y, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
-    assert n.tolist() == n_ref.tolist()
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert_routed_matches_reference(cpu, x, t, density)
     dense = cpu.unit_ffn(x, t["w_gate"], t["w_up"], t["w_down_t"])
     torch.testing.assert_close(dense, reference.unit_ffn(x, t["w_gate"], t["w_up"], t["w_down_t"]),
                                rtol=1e-4, atol=1e-5)
