@@ -15,6 +15,7 @@ from adaroute.errors import AdarouteError
 
 BUILTIN_PREFIX = "builtin:"
 CALIB_SHARE = 0.7
+MAX_TEXT_BYTES = 2 << 30  # read whole into memory; larger is almost surely not meant as text
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,22 @@ class Text:
 
 def builtin_parts() -> dict[str, str]:
     """{"calib": …, "heldout": …}: the deterministic split of Python's documentation topics."""
+    return {part: "\n\n".join(docs.values()) for part, docs in builtin_topics().items()}
+
+
+def builtin_topics() -> dict[str, dict[str, str]]:
+    """{"calib": {topic: text}, "heldout": {topic: text}}, topics in sorted-key order."""
     from pydoc_data.topics import topics
 
-    docs = [topics[k].strip() for k in sorted(topics)]
-    total = sum(len(d) for d in docs)
-    calib, seen = [], 0
-    for doc in docs:
+    docs = {k: topics[k].strip() for k in sorted(topics)}
+    total = sum(len(d) for d in docs.values())
+    calib, seen = {}, 0
+    for key, doc in docs.items():
         if seen >= CALIB_SHARE * total:
             break
-        calib.append(doc)
+        calib[key] = doc
         seen += len(doc)
-    return {"calib": "\n\n".join(calib), "heldout": "\n\n".join(docs[len(calib):])}
+    return {"calib": calib, "heldout": {k: d for k, d in docs.items() if k not in calib}}
 
 
 def load_text(spec: str) -> Text:
@@ -56,15 +62,22 @@ def load_texts(specs: list[str]) -> list[Text]:
 
 
 def _read_file(path: Path) -> str:
-    if not path.exists():
-        raise AdarouteError(f"no such file: {path}; check the path")
-    if path.is_dir():
-        raise AdarouteError(f"{path} is a directory: give a UTF-8 text file")
     try:
+        if not path.exists():
+            raise AdarouteError(f"no such file: {path}; check the path")
+        if path.is_dir():
+            raise AdarouteError(f"{path} is a directory: give a UTF-8 text file")
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise AdarouteError(f"{path} is not a regular file (a pipe or device?): give a UTF-8 text file")
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise AdarouteError(f"{path} is larger than {MAX_TEXT_BYTES >> 30} GiB: give a smaller text file "
+                                "(--max-tokens scores only the start of a file)")
         raw = path.read_bytes()
     except OSError as e:
-        raise AdarouteError(f"cannot read {path}: {e.strerror}; check its permissions") from e
-    if b"\x00" in raw[:65536]:
+        raise AdarouteError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
+    except ValueError as e:  # e.g. a NUL character inside the path itself
+        raise AdarouteError(f"{str(path)!r} is not a usable path ({e}): give a UTF-8 text file") from e
+    if b"\x00" in raw:
         raise AdarouteError(f"{path} looks binary (it contains NUL bytes): give a UTF-8 text file")
     try:
         text = raw.decode("utf-8")

@@ -3,10 +3,8 @@
     python benchmarks/quality_curve.py --preset quick --json out/quality_curve.json
     python benchmarks/quality_curve.py --routed out/routed-0.5 --data builtin:heldout other.txt
 
-The learned router is converted once (or loaded with --routed) and moved to each density with the
-density override (per-layer densities re-allocated from the stored sensitivities, thresholds
-interpolated). The oracle scores units by their exact contribution and gets per-layer thresholds
-calibrated on the same calibration text, at the same per-layer densities.
+The learned router is converted once (or loaded with --routed); each point is
+``adaroute.eval.quality_curve.curve_point`` (see there for how the oracle is calibrated).
 """
 
 from __future__ import annotations
@@ -14,20 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from adaroute.cli.common import format_table, setup_threads
 from adaroute.data import load_texts
+from adaroute.eval.quality_curve import curve_point, oracle_inputs
 from adaroute.models import load_model
-from adaroute.routing import LayerPolicy, routed_modules
-from adaroute.routing.policy import calibrate_thresholds
-from adaroute.routing.profile import apply_density
-from adaroute.routing.quality import compare_with_dense
-from adaroute.routing.router import OracleRouter
-from adaroute.training.capture import capture_inputs, token_windows
+from adaroute.routing import routed_modules
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,24 +46,6 @@ def routed_model(args):
     return result.model, result.tokenizer
 
 
-@contextmanager
-def oracle_routers(mods, inputs, per_layer):
-    """Swap in exact-contribution routers with thresholds calibrated at ``per_layer`` densities."""
-    saved = [(m.router, m.policy) for m in mods]
-    try:
-        for m, x, d in zip(mods, inputs, per_layer, strict=True):
-            m.router = OracleRouter(m.w_gate, m.w_up, m.w_down_t, m.act_fn)
-            if d < 1.0:
-                with torch.no_grad():
-                    th = calibrate_thresholds(m.router.score(x), [d], m.profile.min_units, m.profile.max_units)[0]
-                m.set_policy(LayerPolicy(th, m.profile.min_units, m.profile.max_units))
-        yield
-    finally:
-        for m, (router, policy) in zip(mods, saved, strict=True):
-            m.router = router
-            m.set_policy(policy)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_threads()
@@ -80,14 +53,11 @@ def main(argv=None) -> int:
     mods = routed_modules(model)
     texts = load_texts(args.data)
     calib = [t.text for t in load_texts(args.calib)]
-    inputs = None
-    if not args.no_oracle:
-        wins = token_windows(tok, calib, args.window, args.oracle_calib_tokens)
-        inputs = capture_inputs(model, mods, wins).inputs
+    inputs = None if args.no_oracle else oracle_inputs(model, tok, mods, calib, args.window, args.oracle_calib_tokens)
     rows, records = [], []
     for d in args.densities:
         for t in texts:
-            rec = measure(model, tok, mods, t, d, args, inputs)
+            rec = {"data": t.name, **curve_point(model, tok, mods, t.text, d, args.window, args.max_tokens, inputs)}
             records.append(rec)
             rows.append([t.name, d, rec["learned"]["perplexity_ratio"], rec["learned"]["ffn_bytes_share"],
                          rec["oracle"]["perplexity_ratio"] if rec["oracle"] else math.nan,
@@ -99,20 +69,6 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"args": vars(args), "results": records}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
-
-
-def measure(model, tok, mods, text, density, args, inputs) -> dict:
-    learned = compare_with_dense(model, tok, text.text, args.window, args.max_tokens, density=density,
-                                 desc=f"learned {density}")
-    oracle = None
-    if inputs is not None:
-        saved = [m.policy for m in mods]
-        per_layer = apply_density(mods, density)
-        with oracle_routers(mods, inputs, per_layer):
-            oracle = compare_with_dense(model, tok, text.text, args.window, args.max_tokens, desc=f"oracle {density}")
-        for m, p in zip(mods, saved, strict=True):
-            m.set_policy(p)
-    return {"data": text.name, "density": density, "learned": learned, "oracle": oracle}
 
 
 if __name__ == "__main__":

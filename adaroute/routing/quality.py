@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from adaroute.routing.policy import LayerPolicy
 from adaroute.routing.profile import apply_density
 from adaroute.routing.routed_mlp import RoutedMLP
-from adaroute.routing.stats import RoutingStats, collecting
+from adaroute.routing.stats import Collector, RoutingStats, Tee, collecting
 from adaroute.routing.surgery import routed_modules
 
 
@@ -71,13 +71,16 @@ def compare_with_dense(
     max_tokens: int | None = None,
     density: float | None = None,
     desc: str = "",
+    collector: Collector | None = None,
 ) -> dict[str, Any]:
     """Routed vs dense on the same non-overlapping windows of ``text``.
 
     ``density`` overrides the converted density (re-allocated over layers from the stored
     sensitivities) for quick sweeps; the model's policies are restored afterwards.
+    ``collector``, when given, also receives every routed forward (e.g. to keep the selection masks).
     Returns perplexities and their ratio, top-1 next-token agreement, KL(dense || routed) per token,
-    per-layer and mean density, cost shares and the units-per-token distribution.
+    per-layer and mean density, cost shares, the units-per-token distribution and, per window, the
+    summed NLLs, agreements, scored tokens and density (for intervals over windows).
     """
     from adaroute.eval.perplexity import tokenize, windows
 
@@ -87,7 +90,7 @@ def compare_with_dense(
     try:
         if density is not None:
             apply_density(mods, density)
-        sums, stats = _score_windows(routed_model, mods, wins, desc)
+        sums, stats = _score_windows(routed_model, mods, wins, desc, collector)
         return _result(sums, stats, mods, len(wins), density)  # while the evaluated policies are set
     finally:
         for m, p in zip(mods, saved, strict=True):
@@ -95,21 +98,29 @@ def compare_with_dense(
 
 
 @torch.inference_mode()
-def _score_windows(model: nn.Module, mods: list[RoutedMLP], wins: list[torch.Tensor], desc: str):
-    sums = {"nll_dense": 0.0, "nll_routed": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0}
+def _score_windows(model: nn.Module, mods: list[RoutedMLP], wins: list[torch.Tensor], desc: str,
+                   collector: Collector | None = None):
+    sums = {"nll_dense": 0.0, "nll_routed": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0, "per_window": []}
     stats = RoutingStats()
+    sink = stats if collector is None else Tee((stats, collector))
     for w in tqdm(wins, desc=desc or "routed vs dense", unit="win", leave=False):
         with dense_policies(mods):
             dense = model(input_ids=w, use_cache=False).logits[0, :-1].float()  # [W-1, V]
-        with collecting(model, stats):
+        used, slots = stats.totals()
+        with collecting(model, sink):
             routed = model(input_ids=w, use_cache=False).logits[0, :-1].float()
         target = w[0, 1:]
-        sums["nll_dense"] += F.cross_entropy(dense, target, reduction="sum").item()
-        sums["nll_routed"] += F.cross_entropy(routed, target, reduction="sum").item()
-        sums["agree"] += (dense.argmax(-1) == routed.argmax(-1)).sum().item()
+        win = {"nll_dense": F.cross_entropy(dense, target, reduction="sum").item(),
+               "nll_routed": F.cross_entropy(routed, target, reduction="sum").item(),
+               "agree": (dense.argmax(-1) == routed.argmax(-1)).sum().item(), "tokens": target.numel()}
         logp_d, logp_r = F.log_softmax(dense, -1), F.log_softmax(routed, -1)
         sums["kl"] += (logp_d.exp() * (logp_d - logp_r)).sum().item()
-        sums["tokens"] += target.numel()
+        for key, value in win.items():
+            sums[key] += value
+        now_used, now_slots = stats.totals()
+        # a window whose routed layers all ran dense reports no selections: density 1
+        win["density"] = (now_used - used) / (now_slots - slots) if now_slots > slots else 1.0
+        sums["per_window"].append(win)
     return sums, stats
 
 
@@ -129,6 +140,7 @@ def _result(sums: dict, stats: RoutingStats, mods: list[RoutedMLP], n_windows: i
         "units_per_token": stats.units_per_token() if stats.layers else {},
         "unit_usage": stats.unit_usage_summary() if stats.layers else {},
         "density_override": density,
+        "per_window": sums["per_window"],
         "tokens": n,
         "windows": n_windows,
     }

@@ -61,9 +61,13 @@ class RoutingStats:
 
     def mean_density(self) -> float:
         """Unit-weighted mean density over layers (the share of FFN work executed)."""
-        units = sum(c.units * c.tokens for c in self.layers.values())
+        used, slots = self.totals()
+        return used / slots if slots else float("nan")
+
+    def totals(self) -> tuple[float, int]:
+        """(units selected, token x unit slots) summed over layers: their ratio is the mean density."""
         used = sum(float(c.usage.sum()) for c in self.layers.values())
-        return used / units if units else float("nan")
+        return used, sum(c.units * c.tokens for c in self.layers.values())
 
     def units_per_token(self) -> dict[str, float]:
         """Distribution of (units selected / F) per token per layer, pooled over layers."""
@@ -93,6 +97,37 @@ def _summarise(values: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
     out["min"] = float(v[(w > 0).nonzero()[0]])
     out["max"] = float(v[(w > 0).nonzero()[-1]])
     return out
+
+
+@dataclass
+class MaskTape:
+    """Keeps the selection masks themselves (detached, bool) per layer, for the first ``max_tokens``
+    tokens: what statistics over sets of tokens need (unions across tokens, totals across layers).
+    Every layer sees the same tokens, so row t of each layer's mask is the same token."""
+
+    max_tokens: int
+    parts: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def record(self, layer, scores, mask, soft=None) -> None:
+        kept = sum(p.shape[0] for p in self.parts.get(layer, []))
+        room = self.max_tokens - kept
+        if room > 0:
+            self.parts.setdefault(layer, []).append(mask.detach().reshape(-1, mask.shape[-1])[:room].bool().clone())
+
+    def masks(self) -> dict[int, torch.Tensor]:
+        """{layer: [T, F] bool}, layers in order."""
+        return {l: torch.cat(p) for l, p in sorted(self.parts.items())}
+
+
+@dataclass(frozen=True)
+class Tee:
+    """Hands every record to each of several collectors (one attachment point, many observers)."""
+
+    collectors: tuple[Collector, ...]
+
+    def record(self, layer, scores, mask, soft=None) -> None:
+        for c in self.collectors:
+            c.record(layer, scores, mask, soft)
 
 
 @dataclass
