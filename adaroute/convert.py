@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from adaroute.config import RoutingConfig, TrainConfig
+from adaroute.fsio import check_output_dir
 from adaroute.routing.storage import save_routed
 from adaroute.routing.surgery import route_model
 from adaroute.training.trainer import TrainReport, train_routers
@@ -38,6 +39,7 @@ def convert(
     train: TrainConfig | None = None,
     tokenizer=None,
     base_model: str | None = None,
+    force: bool = False,
 ) -> ConvertResult:
     """Convert a dense model into a routed one at mean FFN ``density``.
 
@@ -51,12 +53,14 @@ def convert(
 
     routing = routing or RoutingConfig(density=density)
     train = train or TrainConfig.from_name(preset)
+    specs = [calib] if isinstance(calib, str) else list(calib)
+    if output is not None:
+        check_convert_output(output, model if isinstance(model, str) else None, specs, force)
     if isinstance(model, str):
         base_model = base_model or model
         model, tokenizer = load_model(model)
     if tokenizer is None:
         raise ValueError("tokenizer: pass the tokenizer together with an already loaded model")
-    specs = [calib] if isinstance(calib, str) else list(calib)
     texts = [t.text for t in load_texts(specs)]
 
     start = time.perf_counter()
@@ -75,5 +79,23 @@ def convert(
     }
     directory = None
     if output is not None:
-        directory = save_routed(model, tokenizer, output, base_model or "unknown", routing, calibration)
+        directory = save_routed(model, tokenizer, output, base_model or "unknown", routing, calibration,
+                                replace=force)
     return ConvertResult(model, tokenizer, report, calibration, directory)
+
+
+def check_convert_output(output: str | Path, model_spec: str | None, calib: list[str], force: bool = False) -> Path:
+    """Refuse an output that would overwrite or mix with the model or data it is made from (no model needed)."""
+    from adaroute.data import BUILTIN_PREFIX
+    from adaroute.models import resolve
+
+    inputs = [Path(c) for c in calib if not c.startswith(BUILTIN_PREFIX)]
+    protected = []
+    if model_spec is not None:
+        source = resolve(model_spec)
+        if source.gguf_file:  # a folder beside the file is fine; the file itself is an input
+            inputs.append(source.directory / source.gguf_file)
+        else:  # nothing may be written inside a model directory
+            inputs.append(source.directory)
+            protected.append(source.directory)
+    return check_output_dir(output, inputs=inputs, protected=protected, force=force)

@@ -1,14 +1,17 @@
-"""Pieces shared by the commands: arguments, tables, JSON output, threads."""
+"""Pieces shared by the commands: argument types, early checks, tables, JSON output, threads.
+
+Nothing here imports torch at module level: argument errors must answer before it loads.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from pathlib import Path
-
-import torch
 
 from adaroute.errors import AdarouteError
+from adaroute.fsio import check_output_file, write_json_atomic
+
+MAX_SEED = 2**63 - 1
 
 
 def add_model_arg(parser) -> None:
@@ -26,22 +29,64 @@ def positive_int(text: str) -> int:
 positive_int.__name__ = "positive integer"  # argparse names the type in its error message
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+finite_float.__name__ = "finite number"
+
+
+def density(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise ValueError(text)
+    return value
+
+
+density.__name__ = "density in (0, 1]"
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(text)
+    return value
+
+
+seed.__name__ = "seed (0 to 2**63-1)"
+
+
 def setup_threads() -> None:
-    """Use every core for intra-op work (torch picks fewer on some machines)."""
-    torch.set_num_threads(int(os.environ.get("ADAROUTE_THREADS", os.cpu_count() or 1)))
+    """Use every core for intra-op work (torch picks fewer on some machines); ADAROUTE_THREADS overrides."""
+    import torch
+
+    torch.set_num_threads(thread_count())
+
+
+def thread_count() -> int:
+    text = os.environ.get("ADAROUTE_THREADS")
+    if text is None:
+        return os.cpu_count() or 1
+    try:
+        return positive_int(text)
+    except ValueError:
+        raise AdarouteError(f"ADAROUTE_THREADS={text!r} is not a positive whole number: unset it or set e.g. 2") \
+            from None
+
+
+def check_json_arg(path: str | None) -> None:
+    """Fail on an unwritable --json path before any work (the file is written at the end)."""
+    if path:
+        check_output_file(path)
 
 
 def write_json(path: str | None, payload: dict) -> None:
-    if not path:
-        return
-    out = Path(path)
-    if out.is_dir():
-        raise AdarouteError(f"--json {path} is a directory: give a file name such as {out / 'result.json'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2) + "\n")
-    except OSError as e:
-        raise AdarouteError(f"cannot write {path}: {e.strerror}; choose a writable location") from e
+    """Write ``payload`` to ``path`` whole (temporary sibling, then rename), if a path was given."""
+    if path:
+        write_json_atomic(path, payload)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaroute.cli.common import add_model_arg, format_table, positive_int, setup_threads
-from adaroute.config import RoutingConfig, TrainConfig
+from adaroute.cli.common import add_model_arg, density, format_table, positive_int, seed, setup_threads
 from adaroute.errors import AdarouteError
 
 
@@ -14,22 +13,26 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--calib", nargs="+", default=["builtin:calib"], metavar="FILE",
                    help="calibration text: UTF-8 files or builtin:calib (default)")
-    p.add_argument("--density", type=float, default=0.5, help="target mean FFN density in (0, 1] (default 0.5)")
-    p.add_argument("-o", "--output", metavar="DIR", help="output directory (default: routed-<density>)")
-    p.add_argument("--preset", choices=["quick", "default"], default="default", help="training preset")
+    p.add_argument("--density", type=density, default=0.5, help="target mean FFN density in (0, 1] (default 0.5)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="new output directory (default: routed-<density>); never the source model or inside it")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing routed model directory at -o whole (never mixes old and new files)")
+    p.add_argument("--preset", choices=["quick", "default"], default="default",
+                   help="training preset (default: default)")
     p.add_argument("--policy", choices=["adaptive", "topk"], default="adaptive",
                    help="adaptive threshold (default) or the fixed top-k baseline")
     p.add_argument("--allocation", choices=["sensitivity", "uniform"], default="sensitivity",
                    help="how density is spread over layers (default: by measured sensitivity)")
-    p.add_argument("--calib-tokens", type=positive_int, default=None, help="override the preset's token count")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--calib-tokens", type=positive_int, default=None,
+                   help="calibration tokens, at least one window (default: the preset's, 4096 quick / 16384 default)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from adaroute.convert import convert
+    from adaroute.config import RoutingConfig, TrainConfig
 
-    setup_threads()
     try:
         routing = RoutingConfig(density=args.density, policy=args.policy, allocation=args.allocation,
                                 layer_min_density=min(0.15, args.density))
@@ -37,8 +40,20 @@ def run(args) -> int:
         train = TrainConfig.from_name(args.preset, **overrides)
     except ValueError as e:
         raise AdarouteError(f"bad option: {e}") from e
+    if train.calib_tokens < train.window:
+        raise AdarouteError(f"--calib-tokens {train.calib_tokens} is less than one calibration window "
+                            f"({train.window} tokens): use at least {train.window}")
     output = Path(args.output or f"routed-{args.density:g}")
-    result = convert(args.model, args.calib, output=output, routing=routing, train=train)
+    from adaroute.convert import check_convert_output, convert
+    from adaroute.data import load_texts
+    from adaroute.models import inspect_model
+
+    check_convert_output(output, args.model, args.calib, args.force)  # before any slow work
+    load_texts(args.calib)
+    if inspect_model(args.model).routed:
+        raise AdarouteError(f"{args.model} is already a routed model: convert its dense base model instead")
+    setup_threads()
+    result = convert(args.model, args.calib, output=output, routing=routing, train=train, force=args.force)
     stats = result.report.calib_stats
     upt = stats["units_per_token"]
     rows = [

@@ -7,11 +7,17 @@ units-per-token distribution.
 
 from __future__ import annotations
 
-from adaroute.cli.common import add_model_arg, format_table, positive_int, setup_threads, write_json
+from adaroute.cli.common import (
+    add_model_arg,
+    check_json_arg,
+    density,
+    format_table,
+    positive_int,
+    setup_threads,
+    write_json,
+)
 from adaroute.data import load_texts
 from adaroute.errors import AdarouteError
-from adaroute.eval.perplexity import check_window, perplexity
-from adaroute.models import load_model
 
 
 def add_parser(sub) -> None:
@@ -19,26 +25,32 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="UTF-8 text files, or builtin:calib / builtin:heldout")
-    p.add_argument("--max-tokens", type=positive_int, default=None, help="score at most N tokens of each file")
-    p.add_argument("--window", type=positive_int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--density", type=float, default=None,
-                   help="routed models: override the calibrated target density for a quick sweep")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="score at most N tokens of each file (default: all; only that much text is tokenised)")
+    p.add_argument("--window", type=positive_int, default=512,
+                   help="window length in tokens, at most the model's context (default 512)")
+    p.add_argument("--density", type=density, default=None,
+                   help="routed models: override the calibrated target density for a quick sweep (default: as "
+                        "calibrated)")
     p.add_argument("--json", metavar="OUT", help="write results as JSON")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    if args.density is not None and not 0 < args.density <= 1:
-        raise AdarouteError(f"--density {args.density} is out of range: use a value in (0, 1]")
-    setup_threads()
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise AdarouteError(f"--max-tokens {args.max_tokens} is too small: perplexity needs at least 2 tokens")
+    check_json_arg(args.json)
     texts = load_texts(args.data)  # read all inputs before the slow model load
-    model, tokenizer = load_model(args.model)
-    check_window(model, args.window)
-    from adaroute.routing import RoutedMLP
+    from adaroute.eval.perplexity import check_window_fits
+    from adaroute.models import inspect_model, load_model
 
-    routed = any(isinstance(m, RoutedMLP) for m in model.modules())
-    if args.density is not None and not routed:
+    info = inspect_model(args.model)
+    check_window_fits(args.window, info.context)
+    if args.density is not None and not info.routed:
         raise AdarouteError("--density applies to routed models only: convert the model first (adaroute convert)")
+    setup_threads()
+    model, tokenizer = load_model(args.model)
+    routed = info.routed
     evaluate = _eval_routed if routed else _eval_dense
     records = [evaluate(model, tokenizer, t, args) for t in texts]
     payload = {"model": args.model, "routed": routed, "results": records, "total": _total(records, args)}
@@ -48,6 +60,8 @@ def run(args) -> int:
 
 
 def _eval_dense(model, tokenizer, text, args) -> dict:
+    from adaroute.eval.perplexity import perplexity
+
     r = perplexity(model, tokenizer, text.text, args.window, args.max_tokens, desc=text.name)
     return {"model": args.model, "data": text.name, "perplexity": r.perplexity, "tokens": r.tokens,
             "windows": r.windows, "window": args.window, "seconds": round(r.seconds, 3)}

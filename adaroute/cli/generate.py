@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from adaroute.cli.common import add_model_arg, positive_int, setup_threads
+from adaroute.cli.common import add_model_arg, finite_float, positive_int, seed, setup_threads
 from adaroute.errors import AdarouteError
-from adaroute.generate import generate
-from adaroute.models import load_model
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a reply to a prompt (chat template when the model has one)")
     add_model_arg(p)
     p.add_argument("prompt", help="the user message")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="most tokens to generate; prompt + new tokens must fit the model's context (default 128)")
+    p.add_argument("--temperature", type=finite_float, default=0.0,
+                   help="sampling temperature, 0 = greedy and deterministic (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed when --temperature > 0 (default 0)")
     p.set_defaults(run=run)
 
 
@@ -23,7 +23,17 @@ def run(args) -> int:
         raise AdarouteError(f"--temperature {args.temperature} is negative: use 0 (greedy) or a positive value")
     if not args.prompt.strip():
         raise AdarouteError("the prompt is empty: give some text to answer")
+    if "\x00" in args.prompt:
+        raise AdarouteError("the prompt contains a NUL character: give plain text")
+    from adaroute.models import inspect_model, load_model
+
+    context = inspect_model(args.model).context
+    if context and args.max_new_tokens >= context:
+        raise AdarouteError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context ({context} "
+                            f"tokens, prompt included): use at most {context - 1}")
     setup_threads()
     model, tokenizer = load_model(args.model)
+    from adaroute.generate import generate
+
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed))
     return 0

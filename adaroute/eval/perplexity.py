@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from adaroute.errors import AdarouteError
 
+PREFIX_MARGIN = 64  # tokens past --max-tokens before a prefix cut is trusted not to change the ids
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -46,7 +48,11 @@ def context_length(model: nn.Module) -> int:
 
 
 def check_window(model: nn.Module, window: int) -> None:
-    limit = context_length(model)
+    check_window_fits(window, context_length(model))
+
+
+def check_window_fits(window: int, limit: int | None) -> None:
+    """--window against the model's context (None or 0: unknown, not checked)."""
     if window < 2:
         raise AdarouteError(f"--window {window} is too small: use at least 2 tokens")
     if limit and window > limit:
@@ -56,13 +62,32 @@ def check_window(model: nn.Module, window: int) -> None:
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """[N] token ids of `text` (no special tokens), cut to `max_tokens`."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    """[N] token ids of `text` (no special tokens), cut to `max_tokens`.
+
+    With `max_tokens`, only a prefix of the text is tokenised (a 20 MB file must not cost a minute
+    for 64 tokens): the prefix grows until it yields a margin of tokens past `max_tokens`, and is cut
+    at white space, so the first `max_tokens` ids equal those of the whole text.
+    """
+    ids = _token_ids(tokenizer, text, max_tokens)
     if len(ids) < 2:
         raise AdarouteError("the text is too short to score: it needs at least 2 tokens")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _token_ids(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    def encode(t: str) -> list[int]:
+        return tokenizer(t, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    if max_tokens is None:
+        return encode(text)
+    chars = 8 * (max_tokens + PREFIX_MARGIN)
+    while chars < len(text):
+        cut = max(text.rfind(" ", 0, chars), text.rfind("\n", 0, chars))
+        ids = encode(text[:cut if cut > chars // 2 else chars])
+        if len(ids) >= max_tokens + PREFIX_MARGIN:
+            return ids[:max_tokens]
+        chars *= 2
+    return encode(text)[:max_tokens]
 
 
 def windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
@@ -86,8 +111,8 @@ def perplexity(model: nn.Module, tokenizer, text: str, window: int = 512, max_to
                desc: str = "") -> PerplexityResult:
     """Perplexity of `model` on `text` under the protocol in this module's docstring."""
     check_window(model, window)
+    start, nll, scored = time.perf_counter(), 0.0, 0  # the time includes tokenisation
     wins = windows(tokenize(tokenizer, text, max_tokens), window)
-    start, nll, scored = time.perf_counter(), 0.0, 0
     for w, logits in iter_logits(model, wins, desc):
         nll += window_nll(logits, w).item()
         scored += w.shape[1] - 1

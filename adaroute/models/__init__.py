@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from adaroute.models.adapters import ArchAdapter, adapter_for, supported_model_types
-from adaroute.models.loading import ALIASES, ModelSource, load_dense, read_config, resolve
+from adaroute.models.loading import (
+    ALIASES,
+    ModelInfo,
+    ModelSource,
+    inspect_model,
+    load_dense,
+    offline,
+    read_config,
+    resolve,
+)
 
 
-def load_model(spec: str) -> tuple[nn.Module, object]:
+def load_model(spec: str):
     """Load `spec` → (model, tokenizer).
 
     `spec` is a Hugging Face model directory, a `.gguf` file, a directory holding one `.gguf`, a routed
@@ -19,7 +26,8 @@ def load_model(spec: str) -> tuple[nn.Module, object]:
     if is_routed(source):
         from adaroute.routing.storage import load_routed
 
-        return load_routed(source.directory)
+        with offline():
+            return load_routed(source.directory)
     return load_dense(source)
 
 
@@ -30,8 +38,10 @@ def is_routed(source: ModelSource) -> bool:
 __all__ = [
     "ALIASES",
     "ArchAdapter",
+    "ModelInfo",
     "ModelSource",
     "adapter_for",
+    "inspect_model",
     "is_routed",
     "load_model",
     "resolve",

@@ -21,18 +21,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adaroute.config import FORMAT_VERSION, RoutingConfig
-from adaroute.errors import AdarouteError
+from adaroute.fsio import atomic_dir
 from adaroute.routing.policy import LayerPolicy
 from adaroute.routing.profile import LayerProfile
 from adaroute.routing.surgery import route_model, routed_modules
+from adaroute.routing.validation import (
+    CALIBRATION,
+    CONFIG,
+    WEIGHTS,
+    RoutedFormatError,
+    check_meta,
+    check_safetensors,
+    check_tokenizer,
+    fail,
+    read_json_object,
+)
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-CALIBRATION = "calibration.json"
-
-
-class RoutedFormatError(AdarouteError, ValueError):
-    """A routed directory that does not match what this version reads (shown to users as one line)."""
+READABLE_VERSIONS = (FORMAT_VERSION,)
 
 
 def save_routed(
@@ -42,10 +47,13 @@ def save_routed(
     base_model: str,
     routing: RoutingConfig,
     calibration: dict[str, Any] | None = None,
+    replace: bool = False,
 ) -> Path:
-    """Write a self-contained routed model directory; returns its path."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write a self-contained routed model directory; returns its path.
+
+    The directory is written beside its final path and renamed into place when complete, so an
+    interrupted save never leaves a half-written model; ``replace`` swaps out an existing one whole.
+    """
     mods = routed_modules(model)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -55,13 +63,14 @@ def save_routed(
         "router": {"kind": "int4_shadow", "bits": 4, "group_size": mods[0].router.group_size},
         "layers": [_layer_entry(m) for m in mods],
     }
-    save_file(_unique_state(model), str(out / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
-    (out / CONFIG).write_text(json.dumps({"adaroute": meta}, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    if calibration is not None:
-        (out / CALIBRATION).write_text(json.dumps(calibration, indent=2) + "\n")
-    return out
+    with atomic_dir(directory, replace=replace) as tmp:
+        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
+        (tmp / CONFIG).write_text(json.dumps({"adaroute": meta}, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if calibration is not None:
+            (tmp / CALIBRATION).write_text(json.dumps(calibration, indent=2) + "\n")
+    return Path(directory)
 
 
 def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
@@ -70,24 +79,31 @@ def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
 
     path = Path(directory)
     meta = read_meta(path)
-    model = build_routed(meta)
+    check_safetensors(path / WEIGHTS)
+    check_tokenizer(path)
+    try:
+        model = build_routed(meta)
+    except (TypeError, ValueError, KeyError) as e:  # values transformers' config rejects
+        raise fail(path / CONFIG, f"base_config does not describe a model ({_first_line(e)})") from e
     load_weights(model, path / WEIGHTS)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # tokenizers raise many types on damaged files; all mean "unreadable"
+        raise fail(path, f"the tokenizer files cannot be read ({_first_line(e)})") from e
     return model.eval(), tokenizer
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / CONFIG).read_text())["adaroute"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise RoutedFormatError(f"{path / CONFIG}: not a routed model config ({e})") from e
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise RoutedFormatError(
-            f"format_version: {path} has routed format {version!r}, this adaroute reads {FORMAT_VERSION}; "
-            "convert the model again"
-        )
-    return meta
+    """The checked ``adaroute`` block of ``path``/config.json."""
+    config = read_json_object(path / CONFIG)
+    if "adaroute" not in config:
+        raise fail(path / CONFIG, 'has no "adaroute" block, so it is not a routed model')
+    return check_meta(config["adaroute"], path / CONFIG, READABLE_VERSIONS)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def build_routed(meta: dict[str, Any]) -> nn.Module:
@@ -109,16 +125,21 @@ def build_routed(meta: dict[str, Any]) -> nn.Module:
 def load_weights(model: nn.Module, file: Path) -> None:
     """Load ``file`` into ``model`` after checking that keys and shapes match exactly."""
     expected = {k: tuple(v.shape) for k, v in _unique_state(model).items()}
-    with safe_open(str(file), framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        problems = _mismatches(expected, found)
-        if problems:
-            raise RoutedFormatError(f"{file}: weights do not match the config: {problems}")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            problems = _mismatches(expected, found)
+            if problems:
+                raise fail(file, f"weights do not match the config: {problems}")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except RoutedFormatError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on damaged files
+        raise fail(file, f"cannot be read ({_first_line(e)})") from e
     missing, _ = model.load_state_dict(state, strict=False)
     untied = [k for k in missing if k not in _aliases(model)]
     if untied:
-        raise RoutedFormatError(f"{file}: weights do not match the config: missing {untied[:5]}")
+        raise fail(file, f"weights do not match the config: missing {untied[:5]}")
 
 
 def _mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> str:

@@ -107,6 +107,12 @@ def chat_prompt_ids(tokenizer, prompt: str | list[dict], system: str | None = No
 def generate_text(engine: Engine, tokenizer, prompt: str, max_new_tokens: int = 64,
                   sampling: SamplingConfig | None = None, model=None) -> str:
     """The reply to one chat prompt, without the stop token."""
+    return generate_ids_text(engine, tokenizer, chat_prompt_ids(tokenizer, prompt), max_new_tokens, sampling, model)
+
+
+def generate_ids_text(engine: Engine, tokenizer, ids: list[int], max_new_tokens: int = 64,
+                      sampling: SamplingConfig | None = None, model=None) -> str:
+    """The reply to already-templated prompt ids, without the stop token."""
     stops = stop_tokens_for(tokenizer, model)
-    out = generate(engine, [chat_prompt_ids(tokenizer, prompt)], max_new_tokens, sampling, stops)
+    out = generate(engine, [ids], max_new_tokens, sampling, stops)
     return tokenizer.decode([t for t in out.tokens[0] if t not in stops], skip_special_tokens=True).strip()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from adaroute.errors import AdarouteError
 from adaroute.routing.routed_mlp import RoutedMLP
 
 
@@ -28,7 +29,8 @@ def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int) -> 
             break
     usable = min(len(ids), max_tokens) // window * window
     if usable == 0:
-        raise ValueError(f"calib: the calibration text has {len(ids)} tokens, fewer than one window of {window}")
+        raise AdarouteError(f"the calibration text is {len(ids)} tokens, fewer than one window of {window}: give "
+                            "more text (--calib FILE...; builtin:calib has enough)")
     return torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, window)  # [B, W]
 
 

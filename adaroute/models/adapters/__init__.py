@@ -5,7 +5,10 @@ To add a family: write one file that defines an `ArchAdapter` and add it to `_AD
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the adapters are read before torch is needed
+    from torch import nn
 
 from adaroute.errors import AdarouteError
 from adaroute.models.adapters.base import ArchAdapter, get_path

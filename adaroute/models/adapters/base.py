@@ -7,8 +7,10 @@ family is one small file that fills in an `ArchAdapter` and registers it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the adapters are read before torch is needed
+    from torch import nn
 
 
 @dataclass(frozen=True)
