@@ -139,3 +139,43 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class ServeConfig:
+    """`adaroute serve`: where it listens, how it batches, what it logs.
+
+    arm:            the arm a request gets unless it names one: "dense" (routing off) or "routed";
+                    None: routed for a routed model, dense otherwise.
+    max_batch:      sequences decoded together per arm; max_queue: requests waiting beyond them
+                    (more are answered 429).
+    context:        most tokens of prompt + completion per request (None: the model's positions).
+    audit:          SQLite file of one row per request (None: no audit log); audit_prompts: store
+                    the prompt text too (otherwise only its SHA-256).
+    api_keys:       accepted bearer keys for /v1 (empty: no authentication).
+    max_body_bytes: larger request bodies are answered 413.
+    drain_s:        on SIGTERM, seconds in-flight requests get to finish before they are cancelled.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    arm: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    context: int | None = 2048
+    audit: str | None = None
+    audit_prompts: bool = False
+    api_keys: tuple[str, ...] = ()
+    threads: int | None = None
+    max_body_bytes: int = 1 << 20
+    drain_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "port", f"must be in 1..65535, got {self.port}")
+        _check(self.arm in (None, "dense", "routed"), "arm", f"must be 'dense' or 'routed', got {self.arm!r}")
+        for f in ("max_batch", "max_queue", "max_body_bytes"):
+            _check(getattr(self, f) >= 1, f, f"must be >= 1, got {getattr(self, f)}")
+        _check(self.context is None or self.context >= 2, "context", f"must be >= 2, got {self.context}")
+        _check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
+        _check(all(k.strip() for k in self.api_keys), "api_keys", "an API key must not be empty")
+        _check(self.drain_s >= 0, "drain_s", f"must be >= 0, got {self.drain_s}")

@@ -54,6 +54,10 @@ class Engine:
         self.kernel = get_kernel(kernel) if isinstance(kernel, str) else (kernel or default_kernel(device))
         self.policy = policy or ExecutionPolicy()
         self.counter: UnitCounter | None = None  # set one to measure the realised density
+        # With record_units set, forward leaves units per token and layer of its call here: [L, N],
+        # -1 for layers that ran dense (a server's per-request density); None otherwise.
+        self.record_units = False
+        self.last_units: torch.Tensor | None = None
         # The CPU kernels can run every layer of a decode step in one library call (same kernels,
         # no Python between them); None for other kernels and for layers it does not cover.
         self._fused = FusedDecoder.build(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
@@ -78,13 +82,18 @@ class Engine:
         x = self.w.embed[tokens.reshape(-1).to(self.w.embed.device)]  # [N, H]
         if self._fused is not None and b * t <= self._fused.max_tokens and cache.k.dtype == torch.float32:
             counts = self._fused(x, cache, b, limits)  # [L, N], -1 for layers that ran dense
+            self.last_units = counts.clone() if self.record_units else None
             if self.counter is not None and b * t <= max(limits, default=0):
                 ran = counts[:, 0] >= 0
                 if bool(ran.any()):
                     self.counter.add(counts[ran], self._fused.units)
         else:
+            units = torch.full((len(self.w.layers), b * t), -1, dtype=torch.long) if self.record_units else None
             for i, layer in enumerate(self.w.layers):
-                self._layer(x, layer, i, cache, b * t <= limits[i])
+                counts = self._layer(x, layer, i, cache, b * t <= limits[i])
+                if units is not None and counts is not None:
+                    units[i] = counts.to(units.device)
+            self.last_units = units
         cache.advance(t)
         x = x.view(b, t, -1) if all_logits else x.view(b, t, -1)[:, -1]  # [B, (T,) H]
         x = self.kernel.rmsnorm(x.reshape(-1, self.w.hidden).contiguous(), self.w.final_norm, self.w.eps)
@@ -101,26 +110,28 @@ class Engine:
             self._limits_key = key
         return self._limits
 
-    def _layer(self, x: torch.Tensor, layer: LayerWeights, i: int, cache: KVCache, sparse: bool):
-        """Updates the residual stream x [N, H] in place."""
+    def _layer(self, x: torch.Tensor, layer: LayerWeights, i: int, cache: KVCache,
+               sparse: bool) -> torch.Tensor | None:
+        """Updates the residual stream x [N, H] in place; units per token [N] when the FFN ran sparse."""
         k = self.kernel
         h = k.rmsnorm(x, layer.attn_norm, self.w.eps)  # [N, H]
         qkv = k.linear_multi(h, [layer.wq, layer.wk, layer.wv])  # [N, (Q+2K)*D]
         k.linear(attend(k, qkv, layer, self.w, cache, i), layer.wo, residual=x)
         h = k.rmsnorm(x, layer.mlp_norm, self.w.eps)  # [N, H]
-        self._ffn(layer.ffn, h, x, sparse)
+        return self._ffn(layer.ffn, h, x, sparse)
 
-    def _ffn(self, ffn: DenseFFN | RoutedFFN, h: torch.Tensor, x: torch.Tensor, sparse: bool) -> None:
+    def _ffn(self, ffn: DenseFFN | RoutedFFN, h: torch.Tensor, x: torch.Tensor, sparse: bool) -> torch.Tensor | None:
         k = self.kernel
         if isinstance(ffn, DenseFFN):
             k.dense_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down, residual=x)
-            return
+            return None
         threshold, min_units, max_units = ffn.policy()
         units = ffn.w_gate.shape[0]
         if not sparse or (threshold == float("-inf") and max_units >= units):
             k.unit_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, residual=x)
-            return
+            return None
         _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
                                  ffn.unit_bias, threshold, min_units, max_units, residual=x)
         if self.counter is not None:
             self.counter.add(counts, units)
+        return counts

@@ -33,7 +33,7 @@ class ArStep(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("x", "h", "qkv", "attn", "hid", "counts", "k_cache", "v_cache", "pad", "cos",
                                         "sin")] + \
                [(name, _I64) for name in ("n_layers", "b", "t", "hidden", "n_heads", "n_kv", "head_dim", "s_max", "pos",
-                                          "nthreads")] + [("eps", ctypes.c_float)]
+                                          "nthreads", "layer_stride")] + [("eps", ctypes.c_float)]
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -129,6 +129,6 @@ class FusedDecoder:
         step = ArStep(x.data_ptr(), h.data_ptr(), qkv.data_ptr(), attn.data_ptr(), hid.data_ptr(), counts.data_ptr(),
                       cache.k.data_ptr(), cache.v.data_ptr(), cache.pad.data_ptr(), w.rope_cos.data_ptr(),
                       w.rope_sin.data_ptr(), len(w.layers), batch, n // batch, w.hidden, w.n_heads, w.n_kv_heads,
-                      w.head_dim, cache.max_len, cache.pos, torch.get_num_threads(), w.eps)
+                      w.head_dim, cache.max_len, cache.pos, torch.get_num_threads(), cache.k.stride(0), w.eps)
         self._fn(self.layers, ctypes.byref(step))
         return counts

@@ -46,5 +46,13 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.pos += t
 
+    def rows(self, n: int) -> KVCache:
+        """The first n sequences as a cache of their own: the same storage (writes land here), the
+        same ``pos`` at the time of the call (a server decodes the live prefix of a larger cache)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.pad = self.k[:, :n], self.v[:, :n], self.pad[:n]  # [L, n, K, S, D], [n]
+        view.padded, view.pos = self.padded, self.pos
+        return view
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

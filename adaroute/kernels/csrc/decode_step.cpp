@@ -45,12 +45,14 @@ struct ArStep {
   const int64_t* pad;                // [B]
   const float *cos, *sin;            // [positions, D]
   int64_t n_layers, b, t, hidden, n_heads, n_kv, head_dim, s_max, pos, nthreads;
+  int64_t layer_stride;              // floats from one layer's cache to the next (the batch may be a
+                                     // prefix of a larger cache: B*K*S*D only when it is not)
   float eps;
 };
 
 void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
   const int64_t n = s->b * s->t, hd = s->hidden, th = s->nthreads;
-  const int64_t cache_stride = s->b * s->n_kv * s->s_max * s->head_dim;
+  const int64_t cache_stride = s->layer_stride;
   for (int64_t i = 0; i < s->n_layers; ++i) {
     const ArLayer& ly = layers[i];
     int64_t* counts = s->counts + i * n;
