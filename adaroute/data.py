@@ -52,6 +52,8 @@ def load_text(spec: str) -> Text:
         if part not in parts:
             raise AdarouteError(f"unknown built-in data {spec!r}: use builtin:calib or builtin:heldout")
         return Text(spec, parts[part])
+    if "\x00" in spec or not spec.strip():
+        raise AdarouteError(f"{spec!r} is not a usable file name: give a UTF-8 text file")
     return Text(spec, _read_file(Path(spec)))
 
 
@@ -75,8 +77,6 @@ def _read_file(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise AdarouteError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
-    except ValueError as e:  # e.g. a NUL character inside the path itself
-        raise AdarouteError(f"{str(path)!r} is not a usable path ({e}): give a UTF-8 text file") from e
     if b"\x00" in raw:
         raise AdarouteError(f"{path} looks binary (it contains NUL bytes): give a UTF-8 text file")
     try:

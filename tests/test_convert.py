@@ -78,3 +78,18 @@ def test_cli_convert_bad_density_is_one_line_error(tmp_path, capsys):
     write_hf_dir(tmp_path / "dense")
     assert main(["convert", str(tmp_path / "dense"), "--density", "1.5"]) == 2
     assert "density" in capsys.readouterr().err
+
+
+def test_cli_force_replaces_a_routed_directory_whole(tmp_path, capsys):
+    from adaroute.cli import main
+
+    write_hf_dir(tmp_path / "dense")
+    out = tmp_path / "routed"
+    argv = ["convert", str(tmp_path / "dense"), "--preset", "quick", "--calib-tokens", "512", "-o", str(out)]
+    assert main(argv) == 0
+    (out / "stale.txt").write_text("from an earlier run")
+    assert main(argv) == 2 and "add --force" in capsys.readouterr().err
+    assert (out / "stale.txt").exists()
+    assert main([*argv, "--force"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "routed"]  # no temporary left behind

@@ -19,6 +19,8 @@ from adaroute.cli.common import (
 from adaroute.data import load_texts
 from adaroute.errors import AdarouteError
 
+DEFAULT_WINDOW = 512
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model on text (routed models: side by side with dense)")
@@ -27,8 +29,9 @@ def add_parser(sub) -> None:
                    help="UTF-8 text files, or builtin:calib / builtin:heldout")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="score at most N tokens of each file (default: all; only that much text is tokenised)")
-    p.add_argument("--window", type=positive_int, default=512,
-                   help="window length in tokens, at most the model's context (default 512)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help=f"window length in tokens, at most the model's context (default {DEFAULT_WINDOW}, or the "
+                        "context when shorter)")
     p.add_argument("--density", type=density, default=None,
                    help="routed models: override the calibrated target density for a quick sweep (default: as "
                         "calibrated)")
@@ -45,6 +48,7 @@ def run(args) -> int:
     from adaroute.models import inspect_model, load_model
 
     info = inspect_model(args.model)
+    args.window = args.window or min(DEFAULT_WINDOW, info.context or DEFAULT_WINDOW)
     check_window_fits(args.window, info.context)
     if args.density is not None and not info.routed:
         raise AdarouteError("--density applies to routed models only: convert the model first (adaroute convert)")

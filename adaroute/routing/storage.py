@@ -83,7 +83,7 @@ def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
     check_tokenizer(path)
     try:
         model = build_routed(meta)
-    except (TypeError, ValueError, KeyError) as e:  # values transformers' config rejects
+    except Exception as e:  # transformers' config classes reject bad values with several exception types
         raise fail(path / CONFIG, f"base_config does not describe a model ({_first_line(e)})") from e
     load_weights(model, path / WEIGHTS)
     try:
