@@ -55,3 +55,16 @@ def test_window_checks():
 def test_text_too_short():
     with pytest.raises(AdarouteError, match="too short"):
         tokenize(make_tiny_tokenizer(), "a")
+
+
+@pytest.mark.parametrize("max_tokens", [2, 37, 500, 5000])
+def test_bounded_tokenisation_equals_the_whole_texts_prefix(max_tokens):
+    """--max-tokens tokenises only a prefix of the text, with the same ids as the whole text's start."""
+    from pydoc_data.topics import topics
+
+    tok = make_tiny_tokenizer()
+    text = "\n\n".join(topics[k] for k in sorted(topics)[:40])
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert tokenize(tok, text, max_tokens).tolist() == whole[:max_tokens]
+    one_line = "word " * 4_000_000  # 20 MB on one line: only a prefix is tokenised
+    assert tokenize(tok, one_line, 64).tolist() == tok("word " * 100, add_special_tokens=False)["input_ids"][:64]
