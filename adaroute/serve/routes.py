@@ -144,14 +144,14 @@ class _Shape:
                 "units_per_token": {k: round(v, 2) for k, v in fin.units_per_token.items()}}
 
     def whole(self, text: str) -> dict:
-        body = self._base(self.object_whole, [self._choice(text, self.p.finished.reason)])
+        body = self._base(self.object_whole, [self._choice(text, self.p.reason)])
         return {**body, "usage": self.usage(), "adaroute": self.extension()}
 
     def usage_chunk(self) -> dict:
         return {**self._base(self.object_chunk, []), "usage": self.usage()}
 
     def closing(self) -> dict:
-        return {**self._base(self.object_chunk, [self._delta("", self.p.finished.reason)]),
+        return {**self._base(self.object_chunk, [self._delta("", self.p.reason)]),
                 "adaroute": self.extension()}
 
     def chunk(self, piece: str) -> dict:

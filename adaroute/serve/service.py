@@ -49,10 +49,11 @@ class Pending:
     def __init__(self, service: Service, adm: Admission, req: GenRequest):
         self.service, self.adm, self.req = service, adm, req
         self.created = time.time()
-        self.tokens: asyncio.Queue[list[int] | Finished] = asyncio.Queue()
+        self.pieces_queue: asyncio.Queue[str | Finished] = asyncio.Queue()
         self.text = TextStream(service.model.tokenizer, adm.stops, frozenset(service.model.stop_tokens))
         self.finished: Finished | None = None
         self._last_emit: float | None = None
+        self._stop_sent = False
 
     @property
     def arm(self) -> str:
@@ -60,41 +61,44 @@ class Pending:
 
     def stop_early(self, reason: str) -> None:
         """Ends the request from the HTTP side (stop string, disconnect); the engine confirms with Finished."""
-        if self.finished is None:
+        if self.finished is None and not self._stop_sent:
+            self._stop_sent = True
             self.service.scheduler.cancel(self.req.id, reason)
 
     async def pieces(self):
         """Yields text pieces until the request ends; then ``self.finished`` is set."""
-        while True:
-            item = await self.tokens.get()
-            if isinstance(item, Finished):
-                tail = self.text.finish()
-                if tail:
-                    yield tail
-                return
-            for token in item:
-                piece = self.text.add(token)
-                if self.text.stopped:
-                    self.stop_early("stop")
-                if piece:
-                    yield piece
+        while isinstance(item := await self.pieces_queue.get(), str):
+            yield item
+
+    @property
+    def reason(self) -> str:
+        return "stop" if self.text.stopped else self.finished.reason
 
     def completion_tokens(self) -> int:
         fin = self.finished
         return self.text.used if self.text.stopped or fin is None else fin.completion_tokens
 
     def _on_event(self, tokens: list[int], at: float, fin: Finished | None) -> None:
+        """Event loop: text is decoded here, as tokens arrive, so a stop string ends the request
+        (and its audit row) whether or not the handler has read that far."""
         itl = self.service.metrics.itl.labels(self.arm)
-        for _ in tokens:
+        for token in tokens:
             if self._last_emit is not None:
                 itl.observe(at - self._last_emit)
             self._last_emit = at
-        if tokens:
-            self.tokens.put_nowait(tokens)
+            piece = self.text.add(token)
+            if piece:
+                self.pieces_queue.put_nowait(piece)
+            if self.text.stopped:
+                self.stop_early("stop")
+                break
         if fin is not None:
+            tail = self.text.finish()
+            if tail:
+                self.pieces_queue.put_nowait(tail)
             self.finished = fin
             self.service.finish(self)
-            self.tokens.put_nowait(fin)
+            self.pieces_queue.put_nowait(fin)
 
 
 class Service:
@@ -172,8 +176,8 @@ class Service:
         """Metrics and audit row of a finished request (event loop)."""
         fin = p.finished
         tokens = p.completion_tokens()
-        if tokens != fin.completion_tokens:
-            fin = dataclasses.replace(fin, completion_tokens=tokens)
+        if (tokens, p.reason) != (fin.completion_tokens, fin.reason):
+            fin = dataclasses.replace(fin, completion_tokens=tokens, reason=p.reason)
         self.metrics.on_finished(p.arm, len(p.adm.prompt_ids), fin)
         if self.audit is None:
             return
