@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import time
 
-from adaroute.cli.common import format_table
 from adaroute.convert import convert
 from adaroute.data import load_text
 from adaroute.eval.bench import bench_table
 from adaroute.generate import generate
 from adaroute.models import load_model
 from adaroute.routing.quality import compare_with_dense
+from adaroute.table import format_table
 
 QUESTION = "In one sentence, what is a Python list comprehension?"
 

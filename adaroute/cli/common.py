@@ -10,6 +10,9 @@ import os
 
 from adaroute.errors import AdarouteError
 from adaroute.fsio import check_output_file, write_json_atomic
+from adaroute.table import format_table
+
+__all__ = ["format_table"]  # re-exported: commands print tables through here
 
 MAX_SEED = 2**63 - 1
 
@@ -87,21 +90,3 @@ def write_json(path: str | None, payload: dict) -> None:
     """Write ``payload`` to ``path`` whole (temporary sibling, then rename), if a path was given."""
     if path:
         write_json_atomic(path, payload)
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """A plain left/right aligned text table (numbers right-aligned)."""
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
-
-    def line(values):
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
