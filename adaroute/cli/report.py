@@ -60,7 +60,8 @@ def run(args) -> int:
           f"mean density {k['mean_density']:.3f}; " + ", ".join(
               f"batch {s['batch']} {s['routed'] / s['dense']:.2f}x dense" for s in k["speed"]))
     print(f"groups flagged: {', '.join(flagged) if flagged else 'none'}")
-    print(f"report written to {out / 'index.html'} in {report['seconds']:.0f} s")
+    print(f"report written to {out / 'index.html'} in {report['seconds']:.0f} s ({report['cpu_seconds']:.0f} CPU s "
+          f"on {report['threads']} threads)")
     return 0
 
 

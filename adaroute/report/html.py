@@ -21,7 +21,7 @@ SECTIONS = (("kpis", "KPIs"), ("curve", "Quality against density"), ("cost", "Co
 def render(report: dict) -> str:
     body = [f"<h1>adaroute report: {escape(report['model'])}</h1>",
             f"<p class=note>{escape(report['created'])} &middot; {report['threads']} threads &middot; "
-            f"measured in {report['seconds']:.0f} s</p>",
+            f"measured in {report['seconds']:.0f} s ({report['cpu_seconds']:.0f} CPU s)</p>",
             "<nav>" + "".join(f"<a href='#{k}'>{t}</a>" for k, t in SECTIONS) + "</nav>"]
     for key, title in SECTIONS:
         body.append(f"<h2 id={key}>{title}</h2>" + globals()[f"_{key}"](report))
