@@ -11,7 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.adaroute-installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean system-deps
+
+# System tools the tests drive: Debian's chromium (the dashboard test, through playwright) and
+# prometheus (promtool, for the alert rules). Installed only when missing; apt needs root (or sudo).
+SYSTEM_PACKAGES := chromium prometheus
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +27,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/adaroute demo
 
-test: $(STAMP)
+system-deps:
+	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y $(SYSTEM_PACKAGES); \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)  # developers' quick lane: everything but the embedded-model integration tests
+test-fast: $(STAMP) system-deps  # developers' quick lane: everything but the embedded-model integration tests
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
