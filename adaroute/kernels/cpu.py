@@ -24,7 +24,8 @@ from adaroute.kernels import reference
 
 NAME = "cpu"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "gemv.cpp", CSRC / "routed_ffn.cpp", CSRC / "attention.cpp", CSRC / "decode_step.cpp"]
+SOURCES = [CSRC / "gemv.cpp", CSRC / "routed_ffn.cpp", CSRC / "attention.cpp", CSRC / "decode_step.cpp",
+           CSRC / "quant.cpp"]
 # Above this many tokens the weights are reused enough that PyTorch's GEMM is the better tool:
 # measured on one core (docs/perf.md), the GEMV is 2x faster up to 8 tokens, even at 12, slower at
 # 16. At most kMaxTokens (64), the C side's limit.

@@ -1,0 +1,91 @@
+"""Compiled CPU products with block-quantised weights (``csrc/quant.cpp``), same interface as the
+dense ones in ``cpu`` for ``QuantWeight`` arguments; ``quant_reference`` defines the result.
+
+Shape letters:
+    T  tokens in flight     K  input length     M  output rows     F  FFN units
+
+Every token count runs here (prefill too): the int8 dot products are cheap enough that reusing each
+row of blocks for up to 64 tokens beats unpacking the weights for a float GEMM; longer inputs go
+through in slices of 64. Without the compiled library, the reference runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from adaroute.kernels import quant_reference as qr
+from adaroute.kernels.quant_reference import QuantWeight
+
+FMT_CODES = {"f32": 0, "q8_0": 1, "q4_0": 2, "q4_1": 3}  # csrc/quant.cpp's Fmt
+SLICE = 64  # tokens per call: kMaxTokens on the C side
+
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "ar_qlinear": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _I64, _I32, _I32],
+    "ar_qgate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I32],
+}
+
+
+def _lib():
+    from adaroute.kernels import cpu  # noqa: PLC0415 (one library for every CPU kernel)
+
+    lib = cpu._lib()
+    if lib is None or not hasattr(lib, "ar_qlinear"):
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        if fn.argtypes is None:
+            fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _ok(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.is_contiguous() and not x.is_cuda and _lib() is not None
+
+
+def linear(x: torch.Tensor, w: QuantWeight, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w^T -> [T, M] (adds into ``residual`` [T, M] in place when given)."""
+    if not _ok(x) or (residual is not None and not residual.is_contiguous()):
+        return qr.linear(x, w, residual)
+    return _segments(x, [w], residual)
+
+
+def linear_multi(x: torch.Tensor, ws: list[QuantWeight]) -> torch.Tensor:
+    """Several quantised weights sharing one input in one pass, outputs side by side: [T, sum M_s]."""
+    if not _ok(x):
+        return torch.cat([qr.linear(x, w) for w in ws], dim=-1)
+    return _segments(x, ws, None)
+
+
+def gate_up_silu(x: torch.Tensor, w_gate: QuantWeight, w_up: QuantWeight) -> torch.Tensor:
+    if not _ok(x):
+        return torch.nn.functional.silu(qr.linear(x, w_gate)) * qr.linear(x, w_up)
+    t, k = x.shape
+    f = w_gate.shape[0]
+    h = torch.empty(t, f)  # [T, F]
+    for t0 in range(0, t, SLICE):
+        xs, hs = x[t0:t0 + SLICE], h[t0:t0 + SLICE]
+        _lib().ar_qgate_up_silu(xs.data_ptr(), xs.shape[0], k, w_gate.data_ptr(), w_up.data_ptr(),
+                                FMT_CODES[w_gate.fmt], FMT_CODES[w_up.fmt], f, hs.data_ptr(), torch.get_num_threads())
+    return h
+
+
+def dense_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down: QuantWeight, residual=None) -> torch.Tensor:
+    return linear(gate_up_silu(x, w_gate, w_up), w_down, residual)
+
+
+def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | None) -> torch.Tensor:
+    t, k = x.shape
+    rows = [w.shape[0] for w in ws]
+    y = residual if residual is not None else torch.empty(t, sum(rows))  # [T, sum M]
+    n = len(ws)
+    ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in ws])
+    counts = (ctypes.c_int64 * n)(*rows)
+    fmts = (ctypes.c_int64 * n)(*[FMT_CODES[w.fmt] for w in ws])
+    for t0 in range(0, t, SLICE):
+        xs, ys = x[t0:t0 + SLICE], y[t0:t0 + SLICE]
+        _lib().ar_qlinear(xs.data_ptr(), xs.shape[0], k, n, ptrs, counts, fmts, ys.data_ptr(), y.shape[1],
+                          int(residual is not None), torch.get_num_threads())
+    return y

@@ -1,0 +1,62 @@
+"""Compiled block-quantised products against ``quant_reference`` on random and real blocks.
+
+Tolerance: the integer block dots are exact in both, the per-block scaling is summed in another
+order (8 float lanes, two accumulators), so results agree to float rounding: 1e-5 relative to the
+output's magnitude."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from adaroute.kernels import cpu, quant_cpu
+from adaroute.kernels import quant_reference as qr
+from tests.kernels.test_quant_reference import embedded_gguf
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+    assert cpu.uses_native() and quant_cpu._lib() is not None, "the compiled CPU kernels did not build"
+
+
+def close(a: torch.Tensor, b: torch.Tensor):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", qr.FORMATS)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 9, 70])
+def test_linear_matches_reference(fmt, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    w = qr.quantize(torch.randn(77, 96, generator=g) * 0.1, fmt)
+    x = torch.randn(tokens, 96, generator=g)
+    x[0, :32] = 0  # an all-zero block: scale 0, codes 0
+    close(quant_cpu.linear(x, w), qr.linear(x, w))
+    res, expect = torch.randn(tokens, 77, generator=g), None
+    expect = qr.linear(x, w, residual=res.clone())
+    assert quant_cpu.linear(x, w, residual=res) is res
+    close(res, expect)
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_multi_and_ffn_match_reference(tokens):
+    g = torch.Generator().manual_seed(7)
+    wq, wk = (qr.quantize(torch.randn(m, 64, generator=g), f) for m, f in ((64, "q4_1"), (32, "q8_0")))
+    x = torch.randn(tokens, 64, generator=g)
+    close(quant_cpu.linear_multi(x, [wq, wk]), torch.cat([qr.linear(x, wq), qr.linear(x, wk)], dim=1))
+    gate, up = (qr.quantize(torch.randn(96, 64, generator=g), "q4_0") for _ in range(2))
+    down = qr.quantize(torch.randn(64, 96, generator=g), "q8_0")
+    expect = qr.linear(torch.nn.functional.silu(qr.linear(x, gate)) * qr.linear(x, up), down)
+    close(quant_cpu.dense_ffn(x, gate, up, down), expect)
+
+
+@pytest.mark.slow
+def test_real_blocks_of_the_embedded_file():
+    reader = gguf.GGUFReader(embedded_gguf())
+    tensors = {t.name: t for t in reader.tensors}
+    g = torch.Generator().manual_seed(0)
+    for name in ("token_embd.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"):
+        t = tensors[name]
+        w = qr.QuantWeight(torch.from_numpy(np.asarray(t.data[:512]).copy()), t.tensor_type.name.lower(),
+                           int(t.shape[0]))
+        x = torch.randn(3, w.cols, generator=g)
+        close(quant_cpu.linear(x, w), qr.linear(x, w))
