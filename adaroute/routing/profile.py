@@ -4,6 +4,9 @@ A profile records, for one routed layer, the thresholds that hit each density of
 calibration data and the layer's measured sensitivity (estimated KL) at those densities. With it a
 routed model can be moved to another mean density without calibration data: densities are
 re-allocated over layers from the stored sensitivities and thresholds are interpolated.
+
+It also records the layer's operating band: the units per token its calibrated selection keeps
+within (the runtime's fail-safe computes a token densely when its selection leaves the band).
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ import torch
 from adaroute.routing.policy import LayerPolicy, allocate_densities
 
 PROFILE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+# Band = (p0.1, p99.9) of units per token on the calibration tokens, widened by these factors, so
+# that only selections rarer than one token in a thousand, and clearly so, leave it.
+BAND_QUANTILES = (0.001, 0.999)
+BAND_WIDEN = (0.8, 1.25)
+# Directories written before the band was stored: a wide band around the layer's density (on the
+# embedded model the pooled p1 / p99 of units per token sit at 0.36x / 1.4x the mean density).
+LEGACY_BAND = (0.2, 2.5)
 
 
 @dataclass
@@ -27,6 +37,7 @@ class LayerProfile:
     policy: str  # "adaptive" or "topk"
     min_units: int  # per-token guards
     max_units: int
+    units_band: list[int] | None = None  # [lo, hi] units per token at ``density`` (None: not stored)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -36,6 +47,16 @@ class LayerProfile:
     @classmethod
     def from_dict(cls, d: dict) -> LayerProfile:
         return cls(**{**d, "thresholds": [float(t) for t in d["thresholds"]]})
+
+    def band_at(self, units: int, density: float) -> tuple[int, int]:
+        """Units per token a token's selection may have at ``density`` (the stored band scaled from
+        the calibrated density, or the legacy band); outside it the token is out of distribution."""
+        if self.units_band is not None:
+            lo, hi = self.units_band
+        else:
+            lo, hi = LEGACY_BAND[0] * self.density * units, LEGACY_BAND[1] * self.density * units
+        scale = density / self.density if self.density > 0 else 1.0
+        return max(0, math.floor(lo * scale)), min(units, math.ceil(hi * scale))
 
     def threshold_at(self, density: float) -> float:
         """Linear interpolation of the calibrated threshold at ``density``."""
@@ -67,6 +88,12 @@ class LayerProfile:
                 w = (th[i - 1] - threshold) / (th[i - 1] - th[i]) if th[i - 1] != th[i] else 1.0
                 return g[i - 1] * (1 - w) + g[i] * w
         return 1.0
+
+
+def units_band(counts: torch.Tensor, units: int) -> list[int]:
+    """The stored band from the units per token counts [T] of the calibrated selection."""
+    q = torch.quantile(counts.double(), torch.tensor(BAND_QUANTILES, dtype=torch.float64))
+    return [max(0, math.floor(float(q[0]) * BAND_WIDEN[0])), min(units, math.ceil(float(q[1]) * BAND_WIDEN[1]))]
 
 
 def layer_densities(profiles: list[LayerProfile], density: float, allocation: str, lo: float, hi: float) -> list[float]:

@@ -7,7 +7,8 @@ Shape letters:
 Every weight-heavy product goes through a kernel from the registry (``adaroute.kernels``); the
 engine itself only wires layers together. Per forward call and routed layer the execution policy
 decides, from the number of tokens in flight and the layer's density, whether it runs sparse
-(decode, small batches at low density) or dense (prefill, larger batches).
+(decode, small batches at low density) or dense (prefill, larger batches). A routed layer that runs
+sparse is guarded by the per-token dense fail-safe (``failsafe.py``) unless ``engine.failsafe`` is None.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 
 from adaroute.kernels import default_kernel, get_kernel
 from adaroute.runtime.attention import attend
-from adaroute.runtime.fused_cpu import FusedDecoder
+from adaroute.runtime.failsafe import FailSafe
+from adaroute.runtime.quant_step import fused_decoder
 from adaroute.runtime.kv_cache import KVCache
 from adaroute.runtime.policy import ExecutionPolicy
 from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, from_model
@@ -58,9 +60,13 @@ class Engine:
         # -1 for layers that ran dense (a server's per-request density); None otherwise.
         self.record_units = False
         self.last_units: torch.Tensor | None = None
+        # The per-token fail-safe of routed layers (None: off); with record_units set, forward
+        # leaves each token's event code per layer here: [L, N], 0 where it ran as routed.
+        self.failsafe = FailSafe(weights) if weights.routed else None
+        self.last_failsafe: torch.Tensor | None = None
         # The CPU kernels can run every layer of a decode step in one library call (same kernels,
         # no Python between them); None for other kernels and for layers it does not cover.
-        self._fused = FusedDecoder.build(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
+        self._fused = fused_decoder(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
         self._limits_key, self._limits = None, []
 
     @classmethod
@@ -80,8 +86,13 @@ class Engine:
         b, t = tokens.shape
         limits = self.sparse_limits()
         x = self.w.embed[tokens.reshape(-1).to(self.w.embed.device)]  # [N, H]
+        fs = self.failsafe
+        codes = None
+        if fs is not None:
+            fs.begin_step()
+            codes = torch.zeros(len(self.w.layers), b * t, dtype=torch.long)  # [L, N]
         if self._fused is not None and b * t <= self._fused.max_tokens and cache.k.dtype == torch.float32:
-            counts = self._fused(x, cache, b, limits)  # [L, N], -1 for layers that ran dense
+            counts = self._fused(x, cache, b, limits, fs, codes)  # [L, N], -1 for layers that ran dense
             self.last_units = counts.clone() if self.record_units else None
             if self.counter is not None and b * t <= max(limits, default=0):
                 ran = counts[:, 0] >= 0
@@ -90,10 +101,13 @@ class Engine:
         else:
             units = torch.full((len(self.w.layers), b * t), -1, dtype=torch.long) if self.record_units else None
             for i, layer in enumerate(self.w.layers):
-                counts = self._layer(x, layer, i, cache, b * t <= limits[i])
+                counts = self._layer(x, layer, i, cache, b * t <= limits[i], codes)
                 if units is not None and counts is not None:
                     units[i] = counts.to(units.device)
             self.last_units = units
+        if fs is not None:
+            fs.record(codes)
+        self.last_failsafe = codes if self.record_units else None
         cache.advance(t)
         x = x.view(b, t, -1) if all_logits else x.view(b, t, -1)[:, -1]  # [B, (T,) H]
         x = self.kernel.rmsnorm(x.reshape(-1, self.w.hidden).contiguous(), self.w.final_norm, self.w.eps)
@@ -111,16 +125,17 @@ class Engine:
         return self._limits
 
     def _layer(self, x: torch.Tensor, layer: LayerWeights, i: int, cache: KVCache,
-               sparse: bool) -> torch.Tensor | None:
+               sparse: bool, codes: torch.Tensor | None = None) -> torch.Tensor | None:
         """Updates the residual stream x [N, H] in place; units per token [N] when the FFN ran sparse."""
         k = self.kernel
         h = k.rmsnorm(x, layer.attn_norm, self.w.eps)  # [N, H]
         qkv = k.linear_multi(h, [layer.wq, layer.wk, layer.wv])  # [N, (Q+2K)*D]
         k.linear(attend(k, qkv, layer, self.w, cache, i), layer.wo, residual=x)
         h = k.rmsnorm(x, layer.mlp_norm, self.w.eps)  # [N, H]
-        return self._ffn(layer.ffn, h, x, sparse)
+        return self._ffn(layer.ffn, h, x, sparse, i, codes)
 
-    def _ffn(self, ffn: DenseFFN | RoutedFFN, h: torch.Tensor, x: torch.Tensor, sparse: bool) -> torch.Tensor | None:
+    def _ffn(self, ffn: DenseFFN | RoutedFFN, h: torch.Tensor, x: torch.Tensor, sparse: bool, i: int = 0,
+             codes: torch.Tensor | None = None) -> torch.Tensor | None:
         k = self.kernel
         if isinstance(ffn, DenseFFN):
             k.dense_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down, residual=x)
@@ -130,8 +145,11 @@ class Engine:
         if not sparse or (threshold == float("-inf") and max_units >= units):
             k.unit_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, residual=x)
             return None
-        _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
-                                 ffn.unit_bias, threshold, min_units, max_units, residual=x)
+        if self.failsafe is not None and codes is not None:
+            counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i])
+        else:
+            _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
+                                     ffn.unit_bias, threshold, min_units, max_units, residual=x)
         if self.counter is not None:
             self.counter.add(counts, units)
         return counts

@@ -15,6 +15,7 @@ import ctypes
 import torch
 
 from adaroute.kernels import cpu
+from adaroute.runtime.failsafe import FAULT_CODES, FailSafe
 from adaroute.runtime.kv_cache import KVCache
 from adaroute.runtime.weights import DenseFFN, ModelWeights, RoutedFFN
 
@@ -26,14 +27,16 @@ class ArLayer(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
                                         "shadow_q", "shadow_scale", "unit_bias")] + \
                [(name, _I64) for name in ("q_rows", "kv_rows", "units", "ldw", "group_size", "kind", "min_units",
-                                          "max_units", "sparse_max_tokens")] + [("threshold", ctypes.c_float)]
+                                          "max_units", "sparse_max_tokens")] + [("threshold", ctypes.c_float)] + \
+               [(name, _I64) for name in ("band_lo", "band_hi", "fault")]
 
 
 class ArStep(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("x", "h", "qkv", "attn", "hid", "counts", "k_cache", "v_cache", "pad", "cos",
                                         "sin")] + \
                [(name, _I64) for name in ("n_layers", "b", "t", "hidden", "n_heads", "n_kv", "head_dim", "s_max", "pos",
-                                          "nthreads", "layer_stride")] + [("eps", ctypes.c_float)]
+                                          "nthreads", "layer_stride")] + [("eps", ctypes.c_float)] + \
+               [("failsafe", _P), ("ffn_out", _P)]
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -51,8 +54,9 @@ class FusedDecoder:
         self.layers = (ArLayer * len(w.layers))()
         self._routed = []  # (index, RoutedFFN) of routed layers: their policy is copied in when it changes
         self.units = w.layers[0].ffn.w_gate.shape[0]  # F (the same in every layer of these models)
-        self._limits = None
+        self._limits = self._bands = None
         self._scratch: dict[int, tuple] = {}
+        self._ffn_out: dict[int, torch.Tensor] = {}  # [N, H] per N: the fail-safe's scratch
         for i, (ly, c) in enumerate(zip(w.layers, self.layers, strict=True)):
             c.attn_norm, c.wq, c.wk, c.wv, c.wo, c.mlp_norm = (t.data_ptr() for t in (
                 ly.attn_norm, ly.wq, ly.wk, ly.wv, ly.wo, ly.mlp_norm))
@@ -106,6 +110,28 @@ class FusedDecoder:
             (c.threshold, c.min_units, c.max_units), c.sparse_max_tokens = f.policy(), limits[i]
         self._limits = limits
 
+    def _guard(self, fs: FailSafe, n: int) -> torch.Tensor:
+        """Copies the bands in when they changed and sets this step's injected faults; returns the
+        fail-safe's scratch [N, H]."""
+        bands = fs.bands()
+        if bands is not self._bands:
+            for i, _ in self._routed:
+                self.layers[i].band_lo, self.layers[i].band_hi = bands[i]
+            self._bands = bands
+        for i, kind in fs.step_faults.items():
+            c = self.layers[i]
+            c.fault = FAULT_CODES[kind]
+            if kind == "scores":
+                c.unit_bias = fs.faults.corrupted_bias(i, self.w.layers[i].ffn).data_ptr()
+        if n not in self._ffn_out:
+            self._ffn_out[n] = torch.empty(n, self.w.hidden)
+        return self._ffn_out[n]
+
+    def _unguard(self, fs: FailSafe) -> None:
+        for i in fs.step_faults:
+            self.layers[i].fault = 0
+            self.layers[i].unit_bias = self.w.layers[i].ffn.unit_bias.data_ptr()
+
     def _buffers(self, n: int):
         if n not in self._scratch:
             w, ly = self.w, self.w.layers[0]
@@ -115,10 +141,12 @@ class FusedDecoder:
                                 torch.empty(n, units), torch.empty(len(w.layers), n, dtype=torch.int64))
         return self._scratch[n]
 
-    def __call__(self, x: torch.Tensor, cache: KVCache, batch: int, limits: list[int]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: KVCache, batch: int, limits: list[int], fs: FailSafe | None = None,
+                 codes: torch.Tensor | None = None) -> torch.Tensor:
         """Updates x [N, H] (N = batch * tokens per sequence) through every layer, writes this step's
         keys and values to the cache; returns units per token [L, N] (-1 for layers run dense).
-        ``limits[i]``: most tokens in flight at which layer i runs sparse (``Engine.sparse_limits``)."""
+        ``limits[i]``: most tokens in flight at which layer i runs sparse (``Engine.sparse_limits``).
+        With ``fs``, sparse layers run with the fail-safe and leave event codes in codes [L, N]."""
         n = x.shape[0]
         cache.check_room(n // batch)
         if cache.k.dtype != torch.float32:
@@ -130,5 +158,11 @@ class FusedDecoder:
                       cache.k.data_ptr(), cache.v.data_ptr(), cache.pad.data_ptr(), w.rope_cos.data_ptr(),
                       w.rope_sin.data_ptr(), len(w.layers), batch, n // batch, w.hidden, w.n_heads, w.n_kv_heads,
                       w.head_dim, cache.max_len, cache.pos, torch.get_num_threads(), cache.k.stride(0), w.eps)
-        self._fn(self.layers, ctypes.byref(step))
+        if fs is not None and self._routed:
+            step.failsafe, step.ffn_out = codes.data_ptr(), self._guard(fs, n).data_ptr()
+        try:
+            self._fn(self.layers, ctypes.byref(step))
+        finally:
+            if fs is not None and fs.step_faults:
+                self._unguard(fs)
         return counts

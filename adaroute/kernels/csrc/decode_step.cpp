@@ -9,6 +9,8 @@
 // adaroute/runtime/fused_cpu.py (field order and types must match).
 #include "common.h"
 
+#include <stdexcept>
+
 extern "C" {
 
 void ar_linear(const float* x, int64_t t_count, int64_t k, int nseg, const float* const* ws, const int64_t* rows,
@@ -35,6 +37,8 @@ struct ArLayer {
   int64_t min_units, max_units;
   int64_t sparse_max_tokens;            // kind 1: sparse while at most this many tokens are in flight
   float threshold;
+  int64_t band_lo, band_hi;             // kind 1, fail-safe on: units per token a selection may have
+  int64_t fault;                        // injected fault of this step: 2 the sparse kernel throws, 3 NaN out
 };
 
 struct ArStep {
@@ -48,7 +52,48 @@ struct ArStep {
   int64_t layer_stride;              // floats from one layer's cache to the next (the batch may be a
                                      // prefix of a larger cache: B*K*S*D only when it is not)
   float eps;
+  int64_t* failsafe;                 // [L, N] fail-safe event codes (null: fail-safe off)
+  float* ffn_out;                    // scratch [N, H]: a sparse FFN's output before it is checked
 };
+
+// Fail-safe of a sparse routed layer (adaroute/runtime/failsafe.py is its reference): the sparse
+// output goes to scratch; a token whose selection leaves [band_lo, band_hi] (code 1) or whose output
+// is not finite (2), or every token when the kernel throws (3), is recomputed with every unit.
+static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64_t* counts) {
+  const int64_t n = s->b * s->t, hd = s->hidden;
+  int64_t* code = s->failsafe + i * n;
+  float* out = s->ffn_out;
+  bool failed = false;
+  try {
+    if (ly.fault == 2) throw std::runtime_error("fault injected into the sparse kernel");
+    ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
+                  ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 0, out, counts, 0,
+                  s->nthreads);
+    if (ly.fault == 3) out[0] = NAN;
+  } catch (...) {
+    failed = true;
+  }
+  int64_t bad = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = out + t * hd;
+    bool finite = true;
+    for (int64_t k = 0; k < hd && !failed; ++k) finite = finite && std::isfinite(row[k]);
+    code[t] = failed ? 3 : !finite ? 2 : (counts[t] < ly.band_lo || counts[t] > ly.band_hi) ? 1 : 0;
+    bad += code[t] != 0;
+    if (code[t] == 0)
+      for (int64_t k = 0; k < hd; ++k) s->x[t * hd + k] += row[k];
+  }
+  if (bad == 0) return;
+  std::vector<int64_t> every(n);
+  ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
+                ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 1, out, every.data(), 0,
+                s->nthreads);
+  for (int64_t t = 0; t < n; ++t)
+    if (code[t] != 0) {
+      for (int64_t k = 0; k < hd; ++k) s->x[t * hd + k] += out[t * hd + k];
+      counts[t] = ly.units;
+    }
+}
 
 void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
   const int64_t n = s->b * s->t, hd = s->hidden, th = s->nthreads;
@@ -75,6 +120,10 @@ void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
     }
     const bool every_unit = std::isinf(ly.threshold) && ly.threshold < 0 && ly.max_units >= ly.units;
     const bool sparse = n <= ly.sparse_max_tokens && !every_unit;
+    if (sparse && s->failsafe) {
+      routed_failsafe(ly, s, i, counts);
+      continue;
+    }
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, sparse ? 0 : 1, s->x, counts,
                   1, th);
