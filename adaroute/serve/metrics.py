@@ -51,8 +51,6 @@ class ServeMetrics:
                                          registry=r)
         self.layer_density = Gauge(p + "layer_density", "routed arm: density per layer over the last "
                                    f"{WINDOW_STEPS} decode steps", ["layer"], registry=r)
-        self.layer_imbalance = Gauge(p + "layer_usage_imbalance", "routed arm: max/mean unit use per layer over "
-                                     "the window", ["layer"], registry=r)
         self.decode_steps = Counter(p + "decode_steps", "decode steps by kernel path", ["path"], registry=r)
         self._window = _LayerWindow(layers, units, self.layer_density)
 
