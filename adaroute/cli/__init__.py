@@ -16,7 +16,7 @@ import sys
 from adaroute import __version__
 from adaroute.errors import AdarouteError
 
-COMMANDS = ("demo", "convert", "eval", "generate", "bench", "serve", "audit", "report")
+COMMANDS = ("demo", "convert", "eval", "generate", "bench", "serve", "audit", "report", "rollout")
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 

@@ -4,6 +4,11 @@ Request handlers only put a row on a queue; the writer commits whatever has accu
 ``FLUSH_S`` seconds (or ``BATCH`` rows), so a slow disk never stalls a response. ``close`` commits
 the rest, so a graceful stop loses nothing. Prompts are stored as SHA-256 unless the server was
 started with ``--audit-prompts``; API keys only as their id (``key_id``), never the key.
+
+A staged rollout adds, per request, its stage, fail-safe events and (for a shadowed request, filled in
+when the re-scoring finishes) agreement and KL, and a ``rollout_events`` table: every stage change,
+by whom, from and to, why, with the gates' window statistics at that moment. Logs written before
+these existed are upgraded in place when a server opens them (new columns are NULL in old rows).
 """
 
 from __future__ import annotations
@@ -41,12 +46,20 @@ class AuditRow:
     layer_density: str  # JSON list, one density per layer
     units_per_token: str  # JSON object: mean, std, min, max, of
     key_id: str | None
+    stage: str | None = None  # rollout stage that chose the arm (None: no rollout)
+    failsafe: int = 0  # (layer, token) pairs the fail-safe computed densely
+    failsafe_reasons: str | None = None  # JSON object: events by reason
+    shadow_agreement: float | None = None  # set when a shadow re-scoring of the request finishes
+    shadow_kl: float | None = None
 
 
 _SQL_TYPES = {"str": "TEXT", "float": "REAL", "int": "INTEGER"}  # by the annotation's first type
 COLUMNS = [f.name for f in fields(AuditRow)]
+_COLUMN_TYPES = {f.name: _SQL_TYPES[str(f.type).split(' ')[0]] for f in fields(AuditRow)}
 SCHEMA = "CREATE TABLE IF NOT EXISTS requests ({}, PRIMARY KEY (id))".format(
-    ", ".join(f"{f.name} {_SQL_TYPES[str(f.type).split(' ')[0]]}" for f in fields(AuditRow)))
+    ", ".join(f"{name} {kind}" for name, kind in _COLUMN_TYPES.items()))
+EVENTS_SCHEMA = ("CREATE TABLE IF NOT EXISTS rollout_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, created REAL, "
+                 "actor TEXT, kind TEXT, from_stage TEXT, to_stage TEXT, reason TEXT, settings TEXT, window TEXT)")
 
 
 def key_id(key: str) -> str:
@@ -62,7 +75,13 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db = sqlite3.connect(str(path), check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    for name, kind in _COLUMN_TYPES.items():  # a log from an older server: add the new columns
+        if name not in have:
+            db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+    db.execute(EVENTS_SCHEMA)
     db.execute("CREATE INDEX IF NOT EXISTS requests_created ON requests (created)")
+    db.commit()
     return db
 
 
@@ -76,6 +95,17 @@ class AuditLog:
 
     def write(self, row: AuditRow) -> None:
         self._queue.put(row)
+
+    def update_shadow(self, request_id: str, agreement: float, kl: float) -> None:
+        self._queue.put(("UPDATE requests SET shadow_agreement = ?, shadow_kl = ? WHERE id = ?",
+                         (agreement, kl, request_id)))
+
+    def write_event(self, event) -> None:
+        """A RolloutEvent (adaroute.serve.rollout) as a row of rollout_events."""
+        self._queue.put(("INSERT INTO rollout_events (created, actor, kind, from_stage, to_stage, reason, settings, "
+                         "window) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (event.created, event.actor, event.kind, event.from_stage, event.to_stage, event.reason,
+                          json.dumps(event.settings), json.dumps(event.window))))
 
     def close(self) -> None:
         """Commits every queued row and stops the writer."""
@@ -94,15 +124,16 @@ class AuditLog:
                     if item is None:
                         done = True
                         break
-                    rows.append(astuple(item))
+                    rows.append(item if isinstance(item, tuple) else (insert, astuple(item)))
                     if len(rows) >= BATCH:
                         break
                     item = self._queue.get_nowait()
             except queue.Empty:
                 pass
             if rows:
-                with self._db:  # one transaction per batch
-                    self._db.executemany(insert, rows)
+                with self._db:  # one transaction per batch, statements in the order they came
+                    for sql, params in rows:
+                        self._db.execute(sql, params)
 
 
 def layer_json(values: list[float]) -> str:
@@ -118,9 +149,9 @@ def summarize(path: str | Path, since: float | None = None) -> dict:
     mean per-layer density, over rows created at or after ``since`` (unix time)."""
     db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     try:
-        cur = db.execute(f"SELECT {', '.join(COLUMNS)} FROM requests WHERE created >= ? ORDER BY created",
-                         (since or 0.0,))
-        rows = [dict(zip(COLUMNS, r, strict=True)) for r in cur]
+        cur = db.execute("SELECT * FROM requests WHERE created >= ? ORDER BY created", (since or 0.0,))
+        names = [d[0] for d in cur.description]  # an older log has fewer columns
+        rows = [dict(zip(names, r, strict=True)) for r in cur]
     finally:
         db.close()
     arms = sorted({r["arm"] for r in rows})

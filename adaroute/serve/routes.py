@@ -84,7 +84,9 @@ def _check_model(svc: Service, name: str) -> None:
 def _admission(request: Request, req, endpoint: str, ids: list[int], text: str, budget: int | None) -> Admission:
     temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
     sampling = SamplingConfig(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed)
-    return Admission(endpoint, ids, text, budget, sampling, req.stop_strings(), req.arm, request.state.key_id)
+    client = request.headers.get("x-adaroute-key") or (req.model_extra or {}).get("user")
+    return Admission(endpoint, ids, text, budget, sampling, req.stop_strings(), req.arm, request.state.key_id,
+                     client_key=client if isinstance(client, str) and client else None)
 
 
 async def _respond(request: Request, req, pending: Pending, shape):

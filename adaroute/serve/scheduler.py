@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adaroute.runtime import Engine, SamplingConfig, next_tokens
+from adaroute.runtime.failsafe import REASONS
 from adaroute.serve.slots import SlotCache
 
 log = logging.getLogger("adaroute.serve")
@@ -58,6 +59,7 @@ class Finished:
     latency_s: float
     layer_density: list[float]  # per layer: units computed / units, over decode steps (1.0 = dense)
     units_per_token: dict[str, float]  # mean / std / min / max units per layer and token, and "of" (F)
+    failsafe: dict[str, int] = field(default_factory=dict)  # (layer, token) fail-safe events by reason
 
     @property
     def density(self) -> float:
@@ -79,6 +81,7 @@ class _Live:
         self.steps = 0
         self.tok_sum = self.tok_sq = 0.0  # per-token units (mean over layers), for the summary
         self.tok_min, self.tok_max = float("inf"), 0.0
+        self.failsafe = [0] * len(REASONS)  # fail-safe events by reason (runtime.failsafe codes 1..3)
 
 
 class Scheduler:
@@ -217,6 +220,7 @@ class Scheduler:
             return
         batch.stepped(view)
         self._count_units(live, engine.last_units, arm)
+        self._count_failsafe(live, engine.last_failsafe)
         for s, token in zip(list(live), self._sample(logits, live), strict=True):
             self._emit(arm, s, token, events)
 
@@ -234,6 +238,15 @@ class Scheduler:
             t = per_token[i]
             s.tok_sum, s.tok_sq = s.tok_sum + t, s.tok_sq + t * t
             s.tok_min, s.tok_max = min(s.tok_min, t), max(s.tok_max, t)
+
+    @staticmethod
+    def _count_failsafe(live: list[_Live], codes: torch.Tensor | None) -> None:
+        """codes [L, n]: each sequence's fail-safe events of this step (0 = none)."""
+        if codes is None or not bool(codes.any()):
+            return
+        for reason in range(1, len(REASONS) + 1):
+            for i, n in enumerate((codes == reason).sum(0).tolist()):
+                live[i].failsafe[reason - 1] += n
 
     def _sample(self, logits: torch.Tensor, live: list[_Live]) -> list[int]:
         """logits [n, V] -> one token per sequence: argmax for greedy ones, each sampled one with its own generator."""
@@ -274,9 +287,10 @@ class Scheduler:
             mean = s.tok_sum / s.steps
             std = max(s.tok_sq / s.steps - mean * mean, 0.0) ** 0.5
             summary = {"mean": mean, "std": std, "min": s.tok_min, "max": s.tok_max}
+        failsafe = {} if s is None else {r: n for r, n in zip(REASONS, s.failsafe, strict=True) if n}
         return Finished(reason, 0 if s is None else s.generated,
                         None if s is None or s.first_at is None else s.first_at - req.arrival,
-                        now - req.arrival, layer_density, {**summary, "of": self.units})
+                        now - req.arrival, layer_density, {**summary, "of": self.units}, failsafe)
 
     def _flush(self, events: list[Event]) -> None:
         if events:

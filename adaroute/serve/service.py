@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class Admission:
     stops: list[str]
     requested_arm: str | None
     key_id: str | None
+    client_key: str | None = None  # the request's ``user`` or X-Adaroute-Key header (sticky canary choice)
+    stage: str | None = None  # the rollout stage that chose its arm (None without a rollout)
 
 
 # Chooses the arm that answers a request (the rollout plugs its stages in here).
@@ -108,6 +111,8 @@ class Service:
         if self.default_arm not in model.arms:
             raise ValueError(f"arm {self.default_arm!r} needs a routed model; {model.name} serves only {model.arms}")
         self.choose_arm = choose_arm or self._requested_or_default
+        self.on_finish: list[Callable[[Pending], None]] = []  # after a request's metrics, before its audit row
+        self.on_stop: list[Callable[[], None]] = []  # after the engine thread stops, before the log closes
         self.model_names = {model.name, *model.aliases}
         self.started = time.time()
         first = next(iter(model.engines.values())).w
@@ -127,6 +132,8 @@ class Service:
         done = self.loop.create_future()
         self.loop.call_soon(done.set_result, None)  # after every event the engine thread queued
         await done
+        for hook in self.on_stop:
+            await asyncio.to_thread(hook)
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)
 
@@ -179,6 +186,8 @@ class Service:
         if (tokens, p.reason) != (fin.completion_tokens, fin.reason):
             fin = dataclasses.replace(fin, completion_tokens=tokens, reason=p.reason)
         self.metrics.on_finished(p.arm, len(p.adm.prompt_ids), fin)
+        for hook in self.on_finish:
+            hook(p)
         if self.audit is None:
             return
         ident = self.model.identity
@@ -189,4 +198,5 @@ class Service:
             prompt_tokens=len(p.adm.prompt_ids), completion_tokens=fin.completion_tokens, ttft_s=fin.ttft_s,
             latency_s=fin.latency_s, finish_reason=fin.reason, mean_density=fin.density,
             layer_density=layer_json(fin.layer_density), units_per_token=summary_json(fin.units_per_token),
-            key_id=p.adm.key_id))
+            key_id=p.adm.key_id, stage=p.adm.stage, failsafe=sum(fin.failsafe.values()),
+            failsafe_reasons=json.dumps(fin.failsafe) if fin.failsafe else None))
