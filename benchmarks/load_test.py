@@ -1,7 +1,7 @@
 """Load test of a running `adaroute serve`: streamed chat requests at a fixed concurrency, per arm.
 
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 200 --concurrency 8 \
-        --max-tokens 64 [--arms routed,dense] [--audit PATH.sqlite] [--json out/load.json]
+        --max-tokens 64 [--arms routed,dense] [--rounds 1] [--audit PATH.sqlite] [--json out/load.json]
 
 For every (arm, concurrency) phase it prints completed requests, errors by HTTP status, throughput
 (completion tokens over the phase's wall time), decode tokens/s per stream (tokens after the first
@@ -150,24 +150,37 @@ def main() -> None:
     p.add_argument("--api-key")
     p.add_argument("--audit", help="the server's --audit file: count its rows per phase")
     p.add_argument("--time-limit", type=float, default=900.0, help="seconds per phase at most")
+    p.add_argument("--rounds", type=int, default=1, help="split each phase into this many turns, phases alternating")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if not 0 < args.requests <= MAX_REQUESTS:
         raise SystemExit(f"load_test: --requests must be in 1..{MAX_REQUESTS}")
+    if not 0 < args.rounds <= args.requests:
+        raise SystemExit("load_test: --rounds must be in 1..--requests")
     loopback_only(args.url)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
-    rows = []
-    for arm in [a for a in args.arms.split(",") if a] or [None]:
-        for conc in [int(c) for c in args.concurrency.split(",")]:
-            results, wall, since = asyncio.run(phase(args.url, model, arm, args.requests, conc, args.max_tokens,
-                                                     headers, args.time_limit))
-            row = {"arm": arm or "default", "concurrency": conc, **summarize(results, wall)}
+    phases = [(arm, int(c)) for arm in [a for a in args.arms.split(",") if a] or [None]
+              for c in args.concurrency.split(",")]
+    done = {ph: ([], 0.0, 0) for ph in phases}  # results, wall seconds, audit rows
+    for r in range(args.rounds):  # phases take turns, so a change in machine load hits them alike
+        for arm, conc in phases:
+            n = args.requests // args.rounds + (r < args.requests % args.rounds)
+            results, wall, since = asyncio.run(phase(args.url, model, arm, n, conc, args.max_tokens, headers,
+                                                     args.time_limit))
+            rows_now = 0
             if args.audit:
                 time.sleep(1.0)  # the audit writer commits every 0.25 s
-                row["audit_rows"] = audit_rows(args.audit, since)
-            rows.append(row)
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+                rows_now = audit_rows(args.audit, since)
+            before = done[(arm, conc)]
+            done[(arm, conc)] = (before[0] + results, before[1] + wall, before[2] + rows_now)
+            print(f"round {r + 1}: {arm or 'default'} x{conc}: {len(results)} requests in {wall:.1f} s", flush=True)
+    rows = []
+    for (arm, conc), (results, wall, audited) in done.items():
+        row = {"arm": arm or "default", "concurrency": conc, **summarize(results, wall)}
+        if args.audit:
+            row["audit_rows"] = audited
+        rows.append(row)
     print(table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
