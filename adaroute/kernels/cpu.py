@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from adaroute.kernels import reference
+from adaroute.kernels import quant_cpu, reference
+from adaroute.kernels.quant_reference import is_quant
 
 NAME = "cpu"
 CSRC = Path(__file__).parent / "csrc"
@@ -90,6 +91,8 @@ def _fast(x: torch.Tensor, *ws: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w [M, K]^T -> [T, M]; with ``residual`` [T, M] the result is added to it in place."""
+    if is_quant(w):  # GGUF blocks (every token count runs compiled there)
+        return quant_cpu.linear(x, w, residual)
     if not _fast(x, w) or (residual is not None and not residual.is_contiguous()):
         return reference.linear(x, w, residual)
     return _linear_segments(x, [w], residual)
@@ -97,6 +100,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = Non
 
 def linear_multi(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
     """Several weights sharing one input in one pass, outputs side by side: [T, sum(M_s)]."""
+    if all(map(is_quant, ws)):
+        return quant_cpu.linear_multi(x, ws)
     if not _fast(x, *ws):
         return reference.linear_multi(x, ws)
     return _linear_segments(x, ws, None)
@@ -116,6 +121,8 @@ def _linear_segments(x, ws, residual):
 
 def gate_up_silu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU input silu(x W_g^T) * (x W_u^T), [T, F], in one pass over both weights."""
+    if is_quant(w_gate):
+        return quant_cpu.gate_up_silu(x, w_gate, w_up)
     if not _fast(x, w_gate, w_up):
         return reference.gate_up_silu(x, w_gate, w_up)
     t, k = x.shape

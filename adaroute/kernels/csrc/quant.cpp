@@ -1,19 +1,18 @@
-// Block-quantised decode kernels: int8 activations x GGUF blocks (q8_0, q4_0, q4_1), read in place.
+// Block-quantised decode kernels: float32 activations x GGUF blocks (q8_0, q4_0, q4_1), read in place.
 //
 // Shape letters:
 //   T  tokens in flight   K  input length (multiple of 32)   M  output rows   B = K / 32 blocks per row
 //
-// The product is defined in adaroute/kernels/quant_reference.py: x is quantised per token and block
-// of 32 to int8 (sx = max|x| / 127, xq = round-half-even(x / sx)), each block's code dot product is
-// an exact integer, and only the per-block scaling is floating point. Weights stay in the file's
-// array-of-blocks layout (a row of blocks per output row), so a row is one sequential stream.
-// Integer dots: AVX-512 VNNI (256-bit lanes, vpdpbusd) or AVX-VNNI where present, AVX2 maddubs+madd
-// otherwise, a scalar loop without AVX2. vpdpbusd multiplies unsigned by signed bytes: q4 nibbles
-// are unsigned already (q4_0's -8 is folded into the minimum term: sum (n-8) xq = sum n xq - 8 sum xq);
-// q8 codes go in as |q| with the sign moved onto xq.
+// The product is x @ dequantize(w)^T (adaroute/kernels/quant_reference.py): each block is expanded
+// to 32 floats in registers (w = d * q, d * (n - 8) or d * n + m) and multiplied with float32
+// activations, so a quantised model computes what its dequantised float32 twin computes, to float
+// rounding. Weights stay in the file's array-of-blocks layout (a row of blocks per output row): a row
+// is one sequential stream, and it is expanded once per block for every token in flight.
+// Quantising the activations to int8 as well (llama.cpp's choice, VNNI dot products) was measured
+// and not kept: it moved the embedded model's perplexity by 0.16 % (docs/perf.md, item 16).
 #include "common.h"
 
-#if defined(__AVX2__)
+#if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -50,134 +49,111 @@ inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-// int8 activations of T tokens: xq [T, K], sx [T, B], xs [T, B] = sx * sum of the block's codes.
-struct QAct {
-  std::vector<int8_t> q;
-  std::vector<float> s, xs;
-  int64_t k = 0;
-};
-
-void quantize_act(const float* x, int64_t t_count, int64_t k, int64_t ldx, QAct& a) {
-  const int64_t nb = k / kBlock;
-  a.q.resize(t_count * k);
-  a.s.resize(t_count * nb);
-  a.xs.resize(t_count * nb);
-  a.k = k;
-  for (int64_t t = 0; t < t_count; ++t)
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + t * ldx + b * kBlock;
-      float amax = 0.0f;
-      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      const float scale = amax / 127.0f;
-      const float safe = scale > 0.0f ? scale : 1.0f;
-      int8_t* qb = a.q.data() + t * k + b * kBlock;
-      int sum = 0;
-      for (int j = 0; j < kBlock; ++j) {  // x / scale, rounded half to even as torch.round
-        const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(xb[j] / safe)));
-        qb[j] = static_cast<int8_t>(v);
-        sum += qb[j];
-      }
-      a.s[t * nb + b] = scale;
-      a.xs[t * nb + b] = scale * static_cast<float>(sum);
-    }
-}
-
-#if defined(__AVX2__)
-// 8 int32 lanes of sum u[j] * s[j] (u unsigned bytes, s signed bytes).
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else  // pairs of u8*s8 fit int16 (2 * 128 * 127 < 2^15)
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// The 32 codes of a q4 block as unsigned bytes, element order (low nibbles 0-15, high 16-31).
-inline __m256i nibbles(const uint8_t* p) {
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
-#endif
-
-// dot of one row of blocks with one token's int8 activations (the reference's y[t, r]).
+// A block's scale and minimum: w = d * c + m over its codes c (q8: q, q4_0: n, m = -8 d; q4_1: n).
 template <int64_t FMT>
-inline float qdot_row(const uint8_t* row, const int8_t* xq, const float* sx, const float* xs, int64_t nb) {
+inline void block_affine(const uint8_t* blk, float& d, float& m) {
+  d = half_to_float(blk);
+  m = FMT == kQ4_1 ? half_to_float(blk + 2) : FMT == kQ4_0 ? -8.0f * d : 0.0f;
+}
+
+#ifdef __AVX512F__
+// The 32 weights of a block as two vectors of 16 floats (elements 0-15, 16-31).
+template <int64_t FMT>
+inline void expand_block(const uint8_t* blk, __m512& w0, __m512& w1) {
+  float d, m;
+  block_affine<FMT>(blk, d, m);
+  const __m512 dv = _mm512_set1_ps(d);
+  if constexpr (FMT == kQ8_0) {
+    const __m128i* q = reinterpret_cast<const __m128i*>(blk + 2);
+    w0 = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
+    w1 = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))));
+  } else {
+    const __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (FMT == kQ4_1 ? 4 : 2))));
+    const __m512 mv = _mm512_set1_ps(m);
+    w0 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_and_si512(n, _mm512_set1_epi32(0xf))), mv);
+    w1 = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)), mv);
+  }
+}
+
+// out[t] = row . x[t] for NT tokens (x rows ldx apart). Four accumulators per token (two halves of a
+// block times even/odd blocks) keep independent FMA chains in flight when NT is small.
+template <int64_t FMT, int NT>
+inline void qdot_row(const uint8_t* row, const float* x, int64_t ldx, int64_t nb, float* out) {
   constexpr int64_t J = FMT == kQ8_0 ? 34 : FMT == kQ4_0 ? 18 : 20;
-  float minimum = 0.0f;  // q4: sum_b m_b * xs_b (q4_0: m_b = -8 d_b)
-#if defined(__AVX2__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t b = 0;
-  auto one = [&](int64_t bb, __m256& acc) {
-    const uint8_t* blk = row + bb * J;
-    const float d = half_to_float(blk);
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + bb * kBlock));
-    __m256i dot;
-    if constexpr (FMT == kQ8_0) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-      dot = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-    } else if constexpr (FMT == kQ4_0) {
-      dot = dot_u8s8(nibbles(blk + 2), xv);
-      minimum -= 8.0f * d * xs[bb];
-    } else {
-      dot = dot_u8s8(nibbles(blk + 4), xv);
-      minimum += half_to_float(blk + 2) * xs[bb];
-    }
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * sx[bb]), acc);
-  };
-  for (; b + 2 <= nb; b += 2) {
-    one(b, acc0);
-    one(b + 1, acc1);
-  }
-  if (b < nb) one(b, acc0);
-  return hsum8(_mm256_add_ps(acc0, acc1)) + minimum;
-#else
-  float total = 0.0f;
+  __m512 acc[4][NT];
+  for (int a = 0; a < 4; ++a)
+    for (int t = 0; t < NT; ++t) acc[a][t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * J;
-    const float d = half_to_float(blk);
-    const int8_t* xb = xq + b * kBlock;
-    int dot = 0;
-    if constexpr (FMT == kQ8_0) {
-      const int8_t* w = reinterpret_cast<const int8_t*>(blk + 2);
-      for (int j = 0; j < kBlock; ++j) dot += w[j] * xb[j];
-    } else {
-      const uint8_t* p = blk + (FMT == kQ4_1 ? 4 : 2);
-      for (int j = 0; j < 16; ++j) dot += (p[j] & 0xf) * xb[j] + (p[j] >> 4) * xb[j + 16];
-      minimum += FMT == kQ4_1 ? half_to_float(blk + 2) * xs[b] : -8.0f * d * xs[b];
+    __m512 w0, w1;
+    expand_block<FMT>(row + b * J, w0, w1);
+    const int a = static_cast<int>(b & 1) * 2;
+    for (int t = 0; t < NT; ++t) {
+      const float* xb = x + t * ldx + b * kBlock;
+      acc[a][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[a][t]);
+      acc[a + 1][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[a + 1][t]);
     }
-    total += d * sx[b] * static_cast<float>(dot);
   }
-  return total + minimum;
+  for (int t = 0; t < NT; ++t)
+    out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]),
+                                                _mm512_add_ps(acc[2][t], acc[3][t])));
+}
+#else
+template <int64_t FMT>
+inline void expand_block(const uint8_t* blk, float* w) {
+  float d, m;
+  block_affine<FMT>(blk, d, m);
+  if constexpr (FMT == kQ8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < kBlock; ++j) w[j] = d * q[j];
+  } else {
+    const uint8_t* p = blk + (FMT == kQ4_1 ? 4 : 2);
+    for (int j = 0; j < 16; ++j) {
+      w[j] = d * static_cast<float>(p[j] & 0xf) + m;
+      w[j + 16] = d * static_cast<float>(p[j] >> 4) + m;
+    }
+  }
+}
+
+template <int64_t FMT, int NT>
+inline void qdot_row(const uint8_t* row, const float* x, int64_t ldx, int64_t nb, float* out) {
+  constexpr int64_t J = FMT == kQ8_0 ? 34 : FMT == kQ4_0 ? 18 : 20;
+  float acc[NT] = {};
+  float w[kBlock];
+  for (int64_t b = 0; b < nb; ++b) {
+    expand_block<FMT>(row + b * J, w);
+    for (int t = 0; t < NT; ++t) {
+      const float* xb = x + t * ldx + b * kBlock;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int j = 0; j < kBlock; ++j) s += w[j] * xb[j];
+      acc[t] += s;
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+}
 #endif
+
+template <int64_t FMT>
+inline void qdot_fmt(const uint8_t* row, const float* x, int64_t ldx, int64_t nb, int64_t t_count, float* out) {
+  for (int64_t t0 = 0; t0 < t_count; t0 += kTokBlock) {
+    const float* xt = x + t0 * ldx;
+    switch (std::min<int64_t>(kTokBlock, t_count - t0)) {
+      case 4: qdot_row<FMT, 4>(row, xt, ldx, nb, out + t0); break;
+      case 3: qdot_row<FMT, 3>(row, xt, ldx, nb, out + t0); break;
+      case 2: qdot_row<FMT, 2>(row, xt, ldx, nb, out + t0); break;
+      default: qdot_row<FMT, 1>(row, xt, ldx, nb, out + t0); break;
+    }
+  }
 }
 
 // out[t] = row . x[t] for every token, dispatching on the format once per row.
-inline void qdot_tokens(const uint8_t* row, int64_t fmt, const QAct& a, int64_t t_count, float* out) {
-  const int64_t nb = a.k / kBlock;
-  for (int64_t t = 0; t < t_count; ++t) {
-    const int8_t* xq = a.q.data() + t * a.k;
-    const float *sx = a.s.data() + t * nb, *xs = a.xs.data() + t * nb;
-    switch (fmt) {
-      case kQ8_0: out[t] = qdot_row<kQ8_0>(row, xq, sx, xs, nb); break;
-      case kQ4_0: out[t] = qdot_row<kQ4_0>(row, xq, sx, xs, nb); break;
-      default: out[t] = qdot_row<kQ4_1>(row, xq, sx, xs, nb); break;
-    }
+inline void qdot_tokens(const uint8_t* row, int64_t fmt, const float* x, int64_t k, int64_t t_count, float* out) {
+  const int64_t nb = k / kBlock;
+  switch (fmt) {
+    case kQ8_0: qdot_fmt<kQ8_0>(row, x, k, nb, t_count, out); break;
+    case kQ4_0: qdot_fmt<kQ4_0>(row, x, k, nb, t_count, out); break;
+    default: qdot_fmt<kQ4_1>(row, x, k, nb, t_count, out); break;
   }
-}
-
-QAct& scratch() {
-  static thread_local QAct a;  // the calling thread's; the team reads it inside the parallel region
-  return a;
 }
 
 }  // namespace
@@ -187,8 +163,6 @@ extern "C" {
 // y[t, col0(s) + m] (+)= ws[s][m] . x[t] for every segment s (segments side by side in y, as ar_linear).
 void ar_qlinear(const float* x, int64_t t_count, int64_t k, int nseg, const uint8_t* const* ws, const int64_t* rows,
                 const int64_t* fmts, float* y, int64_t ldy, int accumulate, int nthreads) {
-  QAct& a = scratch();
-  quantize_act(x, t_count, k, k, a);
   const int64_t nb = k / kBlock;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -198,7 +172,7 @@ void ar_qlinear(const float* x, int64_t t_count, int64_t k, int nseg, const uint
 #pragma omp for schedule(dynamic, kChunk) nowait
       for (int64_t r = 0; r < m; ++r) {
         float out[kMaxTokens];
-        qdot_tokens(ws[s] + r * stride, fmts[s], a, t_count, out);
+        qdot_tokens(ws[s] + r * stride, fmts[s], x, k, t_count, out);
         for (int64_t t = 0; t < t_count; ++t) {
           float* dst = y + t * ldy + col0 + r;
           *dst = accumulate ? *dst + out[t] : out[t];
@@ -212,15 +186,66 @@ void ar_qlinear(const float* x, int64_t t_count, int64_t k, int nseg, const uint
 // h[t, i] = silu(w_gate[i] . x[t]) * (w_up[i] . x[t]) with block-quantised gate and up.
 void ar_qgate_up_silu(const float* x, int64_t t_count, int64_t k, const uint8_t* wg, const uint8_t* wu, int64_t fmt_g,
                       int64_t fmt_u, int64_t f, float* h, int nthreads) {
-  QAct& a = scratch();
-  quantize_act(x, t_count, k, k, a);
   const int64_t nb = k / kBlock, sg = nb * block_bytes(fmt_g), su = nb * block_bytes(fmt_u);
 #pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
   for (int64_t i = 0; i < f; ++i) {
     float g[kMaxTokens], u[kMaxTokens];
-    qdot_tokens(wg + i * sg, fmt_g, a, t_count, g);
-    qdot_tokens(wu + i * su, fmt_u, a, t_count, u);
+    qdot_tokens(wg + i * sg, fmt_g, x, k, t_count, g);
+    qdot_tokens(wu + i * su, fmt_u, x, k, t_count, u);
     for (int64_t t = 0; t < t_count; ++t) h[t * f + i] = silu(g[t]) * u[t];
+  }
+}
+
+}  // extern "C"
+
+// ---- every decoder layer of a decode step in one call, block-quantised projections ---------------
+// The sequence of ar_decode_layers (decode_step.cpp) for dense FFNs, with each product an ar_qlinear.
+// ArQStep has ArStep's layout (one ctypes structure, adaroute/runtime/fused_cpu.py, describes both).
+extern "C" {
+
+void ar_rmsnorm(const float* x, int64_t t_count, int64_t h, const float* w, float eps, float* out);
+void ar_attention(const float* qkv, int64_t b_count, int64_t t_count, int64_t n_heads, int64_t n_kv, int64_t d,
+                  float* k_cache, float* v_cache, int64_t s_max, int64_t pos, const int64_t* pad, const float* cos_t,
+                  const float* sin_t, float* out, int nthreads);
+
+struct ArQLayer {
+  const float *attn_norm, *mlp_norm;
+  const uint8_t *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;  // blocks; w_down [H, F] as stored
+  int64_t fq, fk, fv, fo, fg, fu, fd;                           // their formats (Fmt)
+  int64_t q_rows, kv_rows, units;                               // Q*D, K*D, F
+};
+
+struct ArQStep {
+  float* x;
+  float *h, *qkv, *attn, *hid;
+  int64_t* counts;
+  float *k_cache, *v_cache;
+  const int64_t* pad;
+  const float *cos, *sin;
+  int64_t n_layers, b, t, hidden, n_heads, n_kv, head_dim, s_max, pos, nthreads;
+  int64_t layer_stride;
+  float eps;
+};
+
+void ar_qdecode_layers(const ArQLayer* layers, const ArQStep* s) {
+  const int64_t n = s->b * s->t, hd = s->hidden;
+  const int th = static_cast<int>(s->nthreads);
+  for (int64_t i = 0; i < s->n_layers; ++i) {
+    const ArQLayer& ly = layers[i];
+    ar_rmsnorm(s->x, n, hd, ly.attn_norm, s->eps, s->h);
+    const uint8_t* qkv_w[3] = {ly.wq, ly.wk, ly.wv};
+    const int64_t qkv_rows[3] = {ly.q_rows, ly.kv_rows, ly.kv_rows}, qkv_f[3] = {ly.fq, ly.fk, ly.fv};
+    ar_qlinear(s->h, n, hd, 3, qkv_w, qkv_rows, qkv_f, s->qkv, ly.q_rows + 2 * ly.kv_rows, 0, th);
+    ar_attention(s->qkv, s->b, s->t, s->n_heads, s->n_kv, s->head_dim, s->k_cache + i * s->layer_stride,
+                 s->v_cache + i * s->layer_stride, s->s_max, s->pos, s->pad, s->cos, s->sin, s->attn, th);
+    const uint8_t* o_w[1] = {ly.wo};
+    const int64_t o_rows[1] = {hd}, o_f[1] = {ly.fo}, d_f[1] = {ly.fd};
+    ar_qlinear(s->attn, n, ly.q_rows, 1, o_w, o_rows, o_f, s->x, hd, 1, th);
+    ar_rmsnorm(s->x, n, hd, ly.mlp_norm, s->eps, s->h);
+    ar_qgate_up_silu(s->h, n, hd, ly.w_gate, ly.w_up, ly.fg, ly.fu, ly.units, s->hid, th);
+    const uint8_t* d_w[1] = {ly.w_down};
+    ar_qlinear(s->hid, n, ly.units, 1, d_w, o_rows, d_f, s->x, hd, 1, th);
+    std::fill(s->counts + i * n, s->counts + (i + 1) * n, int64_t{-1});
   }
 }
 

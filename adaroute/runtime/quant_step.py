@@ -1,0 +1,72 @@
+"""The one-call decode step for models with block-quantised projections (``ar_qdecode_layers`` in
+``adaroute/kernels/csrc/quant.cpp``): the same layer sequence as ``FusedDecoder``, every product
+an int8 x blocks GEMV.
+
+``fused_decoder(weights)`` picks the decoder that fits a model's weights (or None: the engine then
+runs its Python path, which dispatches quantised weights to the same kernels one call at a time).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from adaroute.kernels import cpu
+from adaroute.kernels.quant_cpu import FMT_CODES
+from adaroute.kernels.quant_reference import is_quant
+from adaroute.runtime.fused_cpu import ArStep, FusedDecoder, _plain
+from adaroute.runtime.weights import DenseFFN, ModelWeights
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+class ArQLayer(ctypes.Structure):
+    _fields_ = [(n, _P) for n in ("attn_norm", "mlp_norm", *_MATRICES)] + \
+               [(n, _I64) for n in ("fq", "fk", "fv", "fo", "fg", "fu", "fd", "q_rows", "kv_rows", "units")]
+
+
+def is_quantised(w: ModelWeights) -> bool:
+    return any(is_quant(m) for ly in w.layers for m in (ly.wq, ly.ffn.w_gate))
+
+
+def fused_decoder(w: ModelWeights) -> FusedDecoder | None:
+    return QuantDecoder.build(w) if is_quantised(w) else FusedDecoder.build(w)
+
+
+def _matrices(ly) -> list:
+    return [ly.wq, ly.wk, ly.wv, ly.wo, ly.ffn.w_gate, ly.ffn.w_up, ly.ffn.w_down]
+
+
+class QuantDecoder(FusedDecoder):
+    """``FusedDecoder``'s call (scratch, cache, step structure) over quantised layers: only the layer
+    table and the library function differ, so those are all this class sets up."""
+
+    def __init__(self, w: ModelWeights, lib):  # noqa: super().__init__ binds float layers, not these
+        self.w, self._fn = w, lib.ar_qdecode_layers
+        self._fn.argtypes, self._fn.restype = [ctypes.POINTER(ArQLayer), ctypes.POINTER(ArStep)], None
+        self.layers = (ArQLayer * len(w.layers))()
+        self._routed, self._limits, self._bands, self._scratch, self._ffn_out = [], None, None, {}, {}
+        self.units = w.layers[0].ffn.w_gate.shape[0]
+        for ly, c in zip(w.layers, self.layers, strict=True):
+            mats = _matrices(ly)
+            c.attn_norm, c.mlp_norm = ly.attn_norm.data_ptr(), ly.mlp_norm.data_ptr()
+            for name, m in zip(_MATRICES, mats, strict=True):
+                setattr(c, name, m.data_ptr())
+            c.fq, c.fk, c.fv, c.fo, c.fg, c.fu, c.fd = (FMT_CODES[m.fmt] for m in mats)
+            c.q_rows, c.kv_rows, c.units = ly.wq.shape[0], ly.wk.shape[0], ly.ffn.w_gate.shape[0]
+
+    @classmethod
+    def build(cls, w: ModelWeights) -> QuantDecoder | None:
+        lib = cpu._lib()
+        if lib is None or not hasattr(lib, "ar_qdecode_layers") or w.embed.is_cuda or not w.layers:
+            return None
+        first = w.layers[0]
+        for ly in w.layers:
+            if not isinstance(ly.ffn, DenseFFN) or not all(map(is_quant, _matrices(ly))):
+                return None  # routed or mixed layers: the engine's Python path
+            if (ly.ffn.w_gate.shape, ly.wq.shape, ly.wk.shape) != (first.ffn.w_gate.shape, first.wq.shape,
+                                                                    first.wk.shape):
+                return None
+            if ly.qkv_bias is not None or ly.q_norm is not None or not _plain(ly.attn_norm, ly.mlp_norm):
+                return None
+        return cls(w, lib) if _plain(w.rope_cos, w.rope_sin) else None
