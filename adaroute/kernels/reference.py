@@ -23,6 +23,8 @@ Router score definition (one place, here; every kernel implements exactly this):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -111,8 +113,10 @@ def _group_dots(xq: torch.Tensor, q: torch.Tensor, groups: int):
 class _ShadowProduct(torch.autograd.Function):
     """gu[t, r] = sum_g (shadow_scale[r, g] * sx[t, g]) * dot[t, r, g], differentiable in shadow_scale.
 
-    The integer dots are recomputed in backward rather than saved ([G, T, R] would be large for the
-    thousands of tokens of a training batch)."""
+    Backward regroups the sum rather than recomputing the dots ([G, T, R] would be large for the
+    thousands of tokens of a training batch): d gu[t, r] / d shadow_scale[r, g] = sx[t, g] dot[t, r, g],
+    so grad_scale[r, g] = sum_{j in g} q[r, j] * (grad^T @ x_deq)[r, j] with x_deq = sx * xq, one
+    matrix product instead of a [T, R] pass per group."""
 
     @staticmethod
     def forward(ctx, xq, sx, q, shadow_scale):
@@ -130,9 +134,10 @@ class _ShadowProduct(torch.autograd.Function):
         if not ctx.needs_input_grad[3]:
             return None, None, None, None
         xq, sx, q = ctx.saved_tensors
-        grad_scale = torch.empty(q.shape[0], ctx.groups, dtype=torch.float32, device=grad.device)  # [R, G]
-        for g, dot in enumerate(_group_dots(xq, q, ctx.groups)):
-            grad_scale[:, g] = (grad * dot).t() @ sx[:, g]
+        t, h = xq.shape
+        x_deq = (xq.float().view(t, ctx.groups, -1) * sx.unsqueeze(-1)).view(t, h)  # [T, H]
+        m = grad.t() @ x_deq  # [R, H]
+        grad_scale = (m * q.float()).view(q.shape[0], ctx.groups, -1).sum(-1)  # [R, G]
         return None, None, None, grad_scale
 
 
@@ -146,6 +151,21 @@ def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
     gu = _ShadowProduct.apply(xq, sx, unpack_shadow_codes(shadow_q), shadow_scale)  # [T, 2F]
     g_hat, u_hat = gu[:, :f], gu[:, f:]
     score = torch.log((F.silu(g_hat) * u_hat).abs() + SCORE_EPS) + unit_bias
+    return score.reshape(*x.shape[:-1], f)
+
+
+def router_scores_dequantized(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
+    """``router_scores`` by one product with the dequantised shadow instead of per-group integer dots:
+    the same sum in another order, so equal up to float rounding. For training batches, where the
+    per-group passes over [T, 2F] dominate a step; thresholds are always calibrated with the exact
+    definition. Differentiable in ``shadow_scale`` and ``unit_bias``."""
+    f, h = unit_bias.shape[0], x.shape[-1]
+    groups = shadow_scale.shape[1]
+    xq, sx = quantize_activations(x.reshape(-1, h), h // groups)  # [T, H], [T, G]
+    x_deq = (xq.float().view(-1, groups, h // groups) * sx.unsqueeze(-1)).view(-1, h)  # [T, H]
+    codes = unpack_shadow_codes(shadow_q).float().view(2 * f, groups, -1)  # [2F, G, H/G]
+    gu = x_deq @ (codes * shadow_scale.unsqueeze(-1)).view(2 * f, h).t()  # [T, 2F]
+    score = torch.log((F.silu(gu[:, :f]) * gu[:, f:]).abs() + SCORE_EPS) + unit_bias
     return score.reshape(*x.shape[:-1], f)
 
 
@@ -171,20 +191,62 @@ def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_uni
     return mask
 
 
-def unit_ffn(x, w_gate, w_up, w_down_t, mask: torch.Tensor | None = None, residual=None) -> torch.Tensor:
+class Adapter(NamedTuple):
+    """Low-rank corrections of a routed FFN (rank r), applied on the routed path only:
+
+        g = x W_g^T + (x A_g^T) B_g^T,   u = x W_u^T + (x A_u^T) B_u^T,   y = a W_d^T + (a A_d^T) B_d^T
+
+    w_in   [2r, H]    A_g then A_u: the input projections, read once per token;
+    w_units [F, 3, r] per unit i: row i of B_g, row i of B_u and column i of A_d side by side, so a
+                      selected unit adds one contiguous 3r read and an unselected one costs nothing;
+    w_out  [H, r]     B_d: the down adapter's output projection, read once per token.
+    """
+
+    w_in: torch.Tensor
+    w_units: torch.Tensor
+    w_out: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.w_out.shape[1]
+
+
+def adapted_gate_up(x, w_gate, w_up, adapter: Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up pre-activations [T, F] of x [T, H], with the adapter's correction when given."""
+    g, u = F.linear(x, w_gate), F.linear(x, w_up)  # [T, F]
+    if adapter is None:
+        return g, u
+    r = adapter.rank
+    z = F.linear(x, adapter.w_in)  # [T, 2r]
+    return g + z[:, :r] @ adapter.w_units[:, 0].t(), u + z[:, r:] @ adapter.w_units[:, 1].t()
+
+
+def adapted_down(a, w_down_t, adapter: Adapter | None = None) -> torch.Tensor:
+    """Down projection of unit activations a [T, F] (zero for unselected units) -> [T, H]."""
+    y = F.linear(a, w_down_t.t())  # [T, H]
+    if adapter is None:
+        return y
+    return y + F.linear(a @ adapter.w_units[:, 2], adapter.w_out)  # [T, r] -> [T, H]
+
+
+def unit_ffn(x, w_gate, w_up, w_down_t, mask: torch.Tensor | None = None, residual=None,
+             adapter: Adapter | None = None) -> torch.Tensor:
     """SwiGLU FFN in the unit-contiguous layout (w_down_t [F, H]); ``mask`` [T, F] zeroes unselected units."""
-    a = gate_up_silu(x, w_gate, w_up)  # [T, F]
+    g, u = adapted_gate_up(x, w_gate, w_up, adapter)
+    a = F.silu(g) * u  # [T, F]
     if mask is not None:
         a = a * mask
-    y = a @ w_down_t  # [T, H]
+    y = adapted_down(a, w_down_t, adapter)  # [T, H]
     return y if residual is None else residual.add_(y)
 
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
-               min_units: int, max_units: int, residual=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routed FFN: returns (y [T, H], counts [T] int64 of units computed per token)."""
+               min_units: int, max_units: int, residual=None,
+               adapter: Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed FFN: returns (y [T, H], counts [T] int64 of units computed per token). The adapter, when
+    given, corrects only the selected units (the dense path, ``unit_ffn`` without one, stays the base)."""
     mask = select_units(router_scores(x, shadow_q, shadow_scale, unit_bias), threshold, min_units, max_units)
-    y = unit_ffn(x, w_gate, w_up, w_down_t, mask, residual)
+    y = unit_ffn(x, w_gate, w_up, w_down_t, mask, residual, adapter)
     return y, mask.sum(-1)
 
 

@@ -6,9 +6,11 @@ bit-identical to the original FFNs, so a routed directory needs no second copy o
 Cost accounting (per token, FFN only, as a share of the dense FFN):
     bytes  = sum_l [d_l * 3 F H * w + router_bytes_l] / sum_l 3 F H * w     (w = weight element size)
     flops  = sum_l [d_l * 6 F H + 4 F H] / sum_l 6 F H                       (router: the 2F x H shadow)
-A layer at the dense policy runs no router. Decode on CPUs and GPUs is bound by bytes read, which
-is why the router is an int4 shadow: it reads ~10 % of the FFN's bytes but does 2/3 of its
-multiply-adds, so prefill (compute-bound) should run dense.
+plus, for a layer with a routing adapter of rank r, 3 r H + d_l 3 F r elements
+(``RoutingAdapter.weight_bytes``) in bytes and twice that in FLOPs. A layer at the dense policy runs
+no router and no adapter. Decode on CPUs and GPUs is bound by bytes read, which is why the router
+is an int4 shadow: it reads ~10 % of the FFN's bytes but does 2/3 of its multiply-adds, so prefill
+(compute-bound) should run dense.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def dense_policies(mods: list[RoutedMLP]) -> Iterator[None]:
 
 def cost_shares(mods: list[RoutedMLP], layer_density: dict[int, float]) -> dict[str, float]:
     """Bytes and FLOPs per token as shares of the dense FFN, router included (see module doc)."""
-    dense_bytes = dense_flops = bytes_ = flops = router_bytes = 0.0
+    dense_bytes = dense_flops = bytes_ = flops = router_bytes = adapter_bytes = 0.0
     for m in mods:
         w = m.w_gate.element_size()
         d = layer_density.get(m.layer_idx, 1.0)
@@ -56,9 +58,13 @@ def cost_shares(mods: list[RoutedMLP], layer_density: dict[int, float]) -> dict[
         if not m.is_dense:
             router_bytes += m.router.weight_bytes()
             flops += 4 * m.units * m.hidden
+            if m.adapter is not None:
+                adapter_bytes += m.adapter.weight_bytes(d)
+                flops += 2 * m.adapter.weight_bytes(d) / m.adapter.w_in.element_size()
     return {
-        "ffn_bytes_share": (bytes_ + router_bytes) / dense_bytes,
+        "ffn_bytes_share": (bytes_ + router_bytes + adapter_bytes) / dense_bytes,
         "router_bytes_share": router_bytes / dense_bytes,
+        "adapter_bytes_share": adapter_bytes / dense_bytes,
         "ffn_flops_share": flops / dense_flops,
     }
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaroute.kernels.reference import pack_units
+from adaroute.kernels.reference import adapted_down, adapted_gate_up, pack_units
+from adaroute.routing.adapter import RoutingAdapter
 from adaroute.routing.policy import LayerPolicy, select_units
 from adaroute.routing.router import ShadowRouter
 
@@ -55,6 +56,7 @@ class RoutedMLP(nn.Module):
         self.collector = None  # see adaroute.routing.stats; None = no statistics
         self.soft_tau: float | None = None  # set while training: straight-through soft mask
         self.profile = None  # LayerProfile from calibration (enables density overrides)
+        self.adapter: RoutingAdapter | None = None  # low-rank correction of the routed path only
 
     @classmethod
     def from_linears(
@@ -105,15 +107,25 @@ class RoutedMLP(nn.Module):
         h = self.act_fn(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)  # [..., F]
         return F.linear(h, self.w_down_t.t())  # [..., H]
 
+    def add_adapter(self, rank: int, generator: torch.Generator) -> RoutingAdapter:
+        """Attach a fresh rank-``rank`` routing adapter (a no-op until trained)."""
+        self.adapter = RoutingAdapter(self.hidden, self.units, rank).to(self.w_units.device).reset(generator)
+        return self.adapter
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., H]; reference masked path."""
+        """x [..., H] -> [..., H]; reference masked path. The adapter applies only while the layer
+        routes, so the dense policy stays the original FFN even through this path."""
         if self.is_dense and self.collector is None and self.soft_tau is None:
             return self.dense_forward(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden)  # [T, H]
-        scores = self.router.score(x2)  # [T, F]
+        # Training (soft masks) scores a whole batch per step: the dequantised form is the same score
+        # up to rounding at a fraction of the cost; inference uses the exact definition.
+        scores = self.router.score(x2) if self.soft_tau is None else self.router.training_score(x2)  # [T, F]
         mask = self.select(scores.detach())  # [T, F]
-        h = self.act_fn(F.linear(x2, self.w_gate)) * F.linear(x2, self.w_up)  # [T, F]
+        adapter = self.adapter.tensors() if self.adapter is not None and not self.is_dense else None
+        g, u = adapted_gate_up(x2, self.w_gate, self.w_up, adapter)  # [T, F] each
+        h = self.act_fn(g) * u  # [T, F]
         soft = None
         if self.soft_tau is not None:
             # Straight-through: the forward uses the hard mask, the gradient flows through a sigmoid
@@ -124,7 +136,7 @@ class RoutedMLP(nn.Module):
             gate = mask.to(h.dtype)
         if self.collector is not None:
             self.collector.record(self.layer_idx, scores, mask, soft)
-        out = F.linear(h * gate, self.w_down_t.t())  # [T, H]
+        out = adapted_down(h * gate, self.w_down_t, adapter)  # [T, H]
         return out.reshape(*lead, self.hidden)
 
     def _soft_centre(self, scores: torch.Tensor) -> torch.Tensor | float:
@@ -137,6 +149,9 @@ class RoutedMLP(nn.Module):
     # -- protocol for training --------------------------------------------------------------------
     def router_parameters(self) -> list[nn.Parameter]:
         return [self.router.shadow_scale, self.router.unit_bias]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [] if self.adapter is None else list(self.adapter.parameters())
 
     def base_parameters(self) -> list[nn.Parameter]:
         return [self.w_units]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaroute.kernels.reference import router_scores
+from adaroute.kernels.reference import router_scores, router_scores_dequantized
 from adaroute.routing.shadow import check_group_size, dequantize, gptq_int4, pack_int4, quantize_int4
 
 _LOG_EPS = 1e-20
@@ -80,6 +80,10 @@ class ShadowRouter(nn.Module):
         this module agree; it is differentiable in ``shadow_scale`` and ``unit_bias``.
         """
         return router_scores(x, self.shadow_q, self.shadow_scale, self.unit_bias)
+
+    def training_score(self, x: torch.Tensor) -> torch.Tensor:
+        """``score`` up to float rounding, by one dequantised product (fast for training batches)."""
+        return router_scores_dequantized(x, self.shadow_q, self.shadow_scale, self.unit_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)

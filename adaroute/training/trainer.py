@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from adaroute.config import RoutingConfig, TrainConfig
 from adaroute.routing.policy import LayerPolicy, allocate_densities, calibrate_thresholds, guard_units
-from adaroute.routing.profile import PROFILE_GRID, LayerProfile
+from adaroute.routing.profile import PROFILE_GRID, LayerProfile, units_band
 from adaroute.routing.routed_mlp import RoutedMLP
 from adaroute.routing.stats import RoutingStats
 from adaroute.training.capture import capture_inputs, fisher_gradients, token_windows
@@ -53,9 +54,30 @@ def seed_everything(seed: int) -> None:
 
 
 def train_routers(
-    model: nn.Module, tokenizer, texts: list[str], mods: list[RoutedMLP], routing: RoutingConfig, train: TrainConfig
+    model: nn.Module, tokenizer, texts: list[str], mods: list[RoutedMLP], routing: RoutingConfig, train: TrainConfig,
+    checkpoint: Path | None = None,
 ) -> TrainReport:
-    """Fit and calibrate the routers of ``mods`` in place; returns a report for calibration.json."""
+    """Fit and calibrate the routers of ``mods`` in place (and train routing adapters when
+    ``train.adapt_rank`` > 0); returns a report for calibration.json. ``checkpoint``: where the
+    distillation stage keeps its resumable state."""
+    prep = prepare_routers(model, tokenizer, texts, mods, routing, train)
+    return finish_routers(model, tokenizer, texts, mods, routing, train, prep, checkpoint)
+
+
+@dataclass
+class Prepared:
+    """What the density-independent stages produce: captured inputs, sensitivity cost table, codes."""
+
+    inputs: list[torch.Tensor]  # [N, H] per layer
+    costs: torch.Tensor  # [L, D]
+    held: int
+    energy: dict[str, list[float]]
+    clock: _Clock
+
+
+def prepare_routers(model, tokenizer, texts, mods, routing: RoutingConfig, train: TrainConfig) -> Prepared:
+    """Capture, activation-aware shadow codes and the sensitivity table: everything before a target
+    density matters, so several densities can be finished from one preparation."""
     seed_everything(train.seed)
     clock = _Clock()
     window = min(train.window, getattr(model.config, "max_position_embeddings", None) or train.window)
@@ -71,17 +93,25 @@ def train_routers(
         energy["shadow_fit"] = _dropped(mods, inputs, held, routing.density)
     with clock("sensitivity"):
         costs = cost_table(mods, sens_inputs, grads)
-        densities = _allocate(costs, routing, len(mods))
-    del grads
+    return Prepared(inputs, costs, held, energy, clock)
+
+
+def finish_routers(model, tokenizer, texts, mods, routing: RoutingConfig, train: TrainConfig, prep: Prepared,
+                   checkpoint: Path | None = None) -> TrainReport:
+    """Allocation, optional ranking fit, calibration, distillation (routers and adapters) and
+    re-calibration at ``routing.density``, from a preparation."""
+    clock, inputs, costs, energy = prep.clock, prep.inputs, prep.costs, dict(prep.energy)
+    _set_guards(mods, routing)
+    densities = _allocate(costs, routing, len(mods))
     if train.ranking_steps:
         with clock("ranking_fit"):
-            _fit_all(mods, inputs, densities, train, held)
-        energy["trained"] = _dropped(mods, inputs, held, densities)
+            _fit_all(mods, inputs, densities, train, prep.held)
+        energy["trained"] = _dropped(mods, inputs, prep.held, densities)
     calibrate(mods, inputs, densities, costs, routing)
     distill_loss: list[float] = []
     if train.distill_steps:
         with clock("distill"):
-            distill_loss = _distill(model, mods, windows, inputs, densities, train)
+            distill_loss = _distill(model, tokenizer, texts, mods, inputs, densities, train, checkpoint)
             calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
     return TrainReport(
         layer_density=densities,
@@ -90,7 +120,7 @@ def train_routers(
         calib_stats=summarise_stats(stats_on_inputs(mods, inputs)),
         dropped_energy=energy,
         distill_loss=distill_loss,
-        seconds=clock.seconds,
+        seconds=dict(clock.seconds),
         tokens=inputs[0].shape[0],
     )
 
@@ -159,13 +189,16 @@ def _fit_all(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list[
             fit_layer(m, x[:held], d, train.ranking_steps, train.ranking_batch, train.lr, terms, gen)
 
 
-def _distill(model, mods, windows, inputs, densities, train: TrainConfig) -> list[float]:
+def _distill(model, tokenizer, texts, mods, inputs, densities, train: TrainConfig, checkpoint) -> list[float]:
     targets = {}
+    gen = torch.Generator().manual_seed(train.seed)
     for m, x, d in zip(mods, inputs, densities, strict=True):
         if d < 1.0:
             targets[m.layer_idx] = oracle_rate(contribution_energy(m, x[:4096]), d)  # [F]
-    return distill(model, mods, windows, targets, train.distill_steps, train.distill_lr, train.tau,
-                   train.z_loss, train.usage_loss)
+            if train.adapt_rank:
+                m.add_adapter(train.adapt_rank, gen)
+    windows = token_windows(tokenizer, texts, train.distill_window, train.distill_tokens)  # [B, W]
+    return distill(model, mods, windows, targets, train, checkpoint)
 
 
 def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list[float], costs: torch.Tensor,
@@ -189,6 +222,8 @@ def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list
             m.set_policy(LayerPolicy.topk(max(1, round(d * m.units))))
         else:
             m.set_policy(LayerPolicy(thresholds[-1], lo, hi))
+        if d < 1.0:
+            m.profile.units_band = units_band(m.select(scores).sum(-1), m.units)
 
 
 def stats_on_inputs(mods: list[RoutedMLP], inputs: list[torch.Tensor], max_tokens: int = 8192) -> RoutingStats:
