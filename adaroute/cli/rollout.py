@@ -12,20 +12,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adaroute.cli.common import check_json_arg, density, seed, write_json
+from adaroute.cli.common import check_json_arg, density, finite_float, seed, write_json
 from adaroute.errors import AdarouteError
 
 STAGES = ("dense", "shadow", "canary", "routed")  # as adaroute.serve.rollout.STAGES (kept import-free)
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise AdarouteError(f"{text!r} is not a number; give a fraction in [0, 1]") from None
+    value = finite_float(text)
     if not 0.0 <= value <= 1.0:
-        raise AdarouteError(f"{text}: give a fraction in [0, 1]")
+        raise ValueError(text)
     return value
+
+
+fraction.__name__ = "fraction in [0, 1]"  # argparse names the type in its error message
 
 
 def add_parser(sub) -> None:
