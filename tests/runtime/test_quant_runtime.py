@@ -1,0 +1,72 @@
+"""The runtime on a GGUF's own blocks: equal to its dequantised float32 twin, fused step == kernel by
+kernel, and no float copy of a quantised matrix."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adaroute.kernels.quant_reference import QuantWeight
+from adaroute.models.gguf_export import export_gguf
+from adaroute.runtime import Engine, generate
+from adaroute.runtime.quant_step import QuantDecoder
+from adaroute.runtime.quant_weights import from_gguf
+from tests.fixtures import write_gguf
+
+FORMATS = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("quant")
+    f32 = write_gguf(d / "tiny.F32.gguf", seed=4)
+    return {"F32": f32, **{fmt: export_gguf(f32, d / f"tiny.{fmt}.gguf", fmt) for fmt in FORMATS}}
+
+
+def dequantised(w):
+    """The same weights with every quantised matrix expanded to float32."""
+    def f(t):
+        return t.dequantize() if isinstance(t, QuantWeight) else t
+
+    layers = [dataclasses.replace(ly, wq=f(ly.wq), wk=f(ly.wk), wv=f(ly.wv), wo=f(ly.wo),
+                                  ffn=dataclasses.replace(ly.ffn, w_gate=f(ly.ffn.w_gate), w_up=f(ly.ffn.w_up),
+                                                          w_down=f(ly.ffn.w_down))) for ly in w.layers]
+    return dataclasses.replace(w, embed=f(w.embed), head=f(w.head), layers=layers)
+
+
+def logits(engine, ids):
+    return engine.forward(ids, engine.new_cache(ids.shape[0], ids.shape[1] + 4), all_logits=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_equal_the_dequantised_model_and_transformers(files, fmt):
+    w = from_gguf(files[fmt], 64)
+    assert all(isinstance(m, QuantWeight) for m in (w.layers[0].wq, w.layers[1].ffn.w_down, w.head))
+    ids = torch.randint(0, w.embed.shape[0], (2, 11), generator=torch.Generator().manual_seed(0))
+    got = logits(Engine(w), ids)
+    torch.testing.assert_close(got, logits(Engine(dequantised(w)), ids), rtol=1e-4, atol=1e-4)
+    hf = AutoModelForCausalLM.from_pretrained(files[fmt].parent, gguf_file=files[fmt].name, dtype=torch.float32)
+    with torch.inference_mode():
+        torch.testing.assert_close(got, hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_step_equals_kernel_by_kernel(files, fmt):
+    fused = Engine(from_gguf(files[fmt], 64))
+    assert isinstance(fused._fused, QuantDecoder)
+    python = Engine(from_gguf(files[fmt], 64))
+    python._fused = None
+    prompts = [[5, 9, 2, 7], [1, 3, 3, 8]]
+    a, b = generate(fused, prompts, 12), generate(python, prompts, 12)
+    assert a.tokens == b.tokens
+
+
+def test_f32_file_runs_the_float_path(files):
+    w = from_gguf(files["F32"], 64)
+    assert w.layers[0].wq.dtype == torch.float32
+    q = from_gguf(files["Q4_1"], 64)
+    def held(t):
+        return t.numel() * t.element_size()
+
+    assert held(q.layers[0].wq) == held(w.layers[0].wq) * 20 // 128  # q4_1: 20 bytes per 32 floats
