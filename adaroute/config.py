@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: routing adapters (adaroute.routing.storage reads 1 and 2)
 
 
 def _check(cond: bool, name: str, msg: str) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from adaroute.config import FORMAT_VERSION, RoutingConfig
 from adaroute.fsio import atomic_dir
+from adaroute.routing.adapter import RoutingAdapter
 from adaroute.routing.policy import LayerPolicy
 from adaroute.routing.profile import LayerProfile
 from adaroute.routing.surgery import route_model, routed_modules
@@ -37,7 +38,9 @@ from adaroute.routing.validation import (
     read_json_object,
 )
 
-READABLE_VERSIONS = (FORMAT_VERSION,)
+# Version 2 added routing adapters (``adapter_rank`` per layer, adapter tensors in the weights); a
+# version-1 directory is the same without them and loads as a model without adapters.
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
 def save_routed(
@@ -119,6 +122,8 @@ def build_routed(meta: dict[str, Any]) -> nn.Module:
         object.__setattr__(m, "original", None)  # a loaded model has no dense original to restore
         m.set_policy(LayerPolicy(_float(entry["threshold"]), int(entry["min_units"]), int(entry["max_units"])))
         m.profile = LayerProfile.from_dict(entry["profile"]) if entry.get("profile") else None
+        if entry.get("adapter_rank", 0):  # weights arrive with load_weights
+            m.adapter = RoutingAdapter(m.hidden, m.units, int(entry["adapter_rank"]))
     return model
 
 
@@ -179,6 +184,7 @@ def _layer_entry(m) -> dict[str, Any]:
         "min_units": m.min_units,
         "max_units": m.max_units,
         "profile": m.profile.to_dict() if m.profile is not None else None,
+        "adapter_rank": m.adapter.rank if m.adapter is not None else 0,
     }
 
 

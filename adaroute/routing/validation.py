@@ -89,6 +89,9 @@ def _check_layers(layers: list, file: Path, n_layers: int, units: int) -> None:
             raise fail(file, f"{where}threshold {entry['threshold']!r} is not a number")
         if entry.get("profile") is not None and not isinstance(entry["profile"], dict):
             raise fail(file, f"{where}profile is not an object")
+        rank = entry.get("adapter_rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise fail(file, f"{where}adapter_rank must be a non-negative integer, got {rank!r}")
 
 
 def _need(obj: dict, file: Path, spec: dict[str, type | tuple], prefix: str = "") -> None:
