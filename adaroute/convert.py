@@ -66,7 +66,9 @@ def convert(
     start = time.perf_counter()
     model.eval()
     mods = route_model(model, group_size=routing.group_size)
-    report = train_routers(model, tokenizer, texts, mods, routing, train)
+    # An interrupted distillation resumes from here on the next identical run (removed once saved).
+    checkpoint = Path(f"{output}.distill-checkpoint.pt") if output is not None and train.distill_steps else None
+    report = train_routers(model, tokenizer, texts, mods, routing, train, checkpoint)
     calibration = {
         "data": specs,
         "seed": train.seed,
@@ -81,6 +83,8 @@ def convert(
     if output is not None:
         directory = save_routed(model, tokenizer, output, base_model or "unknown", routing, calibration,
                                 replace=force)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
     return ConvertResult(model, tokenizer, report, calibration, directory)
 
 

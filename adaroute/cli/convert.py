@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-tokens", type=positive_int, default=None,
                    help="calibration tokens, at least one window (default: the preset's, 4096 quick / 16384 default)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="skip the distillation stage that trains routing adapters (default preset)")
+    p.add_argument("--adapt-rank", type=positive_int, default=None,
+                   help="rank of the routing adapters (default: the preset's, 16 in default)")
     p.set_defaults(run=run)
 
 
@@ -37,6 +41,7 @@ def run(args) -> int:
         routing = RoutingConfig(density=args.density, policy=args.policy, allocation=args.allocation,
                                 layer_min_density=min(0.15, args.density))
         overrides = {"seed": args.seed} | ({"calib_tokens": args.calib_tokens} if args.calib_tokens else {})
+        overrides |= _adapt_overrides(args, TrainConfig.from_name(args.preset))
         train = TrainConfig.from_name(args.preset, **overrides)
     except ValueError as e:
         raise AdarouteError(f"bad option: {e}") from e
@@ -53,6 +58,7 @@ def run(args) -> int:
     if inspect_model(args.model).routed:
         raise AdarouteError(f"{args.model} is already a routed model: convert its dense base model instead")
     setup_threads()
+    print(_budget_line(train), flush=True)
     result = convert(args.model, args.calib, output=output, routing=routing, train=train, force=args.force)
     stats = result.report.calib_stats
     upt = stats["units_per_token"]
@@ -64,3 +70,29 @@ def run(args) -> int:
     ]
     print(format_table(["", "value"], rows))
     return 0
+
+
+def _adapt_overrides(args, preset) -> dict:
+    """--no-adapt turns the distillation stage off; --adapt-rank sets the adapters' rank."""
+    if args.no_adapt and args.adapt_rank:
+        raise AdarouteError("--no-adapt and --adapt-rank contradict each other: give one of them")
+    if args.no_adapt:
+        return {"distill_steps": 0, "adapt_rank": 0}
+    if args.adapt_rank:
+        if not preset.distill_steps:
+            raise AdarouteError(f"--adapt-rank: the {preset.name} preset has no distillation stage; "
+                                "use --preset default")
+        return {"adapt_rank": args.adapt_rank}
+    return {}
+
+
+def _budget_line(train) -> str:
+    from adaroute.config import PRESET_BUDGET_MINUTES
+
+    stages = f"{train.calib_tokens} calibration tokens"
+    if train.distill_steps:
+        adapters = f", rank-{train.adapt_rank} adapters" if train.adapt_rank else ""
+        stages += f", {train.distill_steps} distillation steps of {train.distill_batch} x {train.distill_window} tokens"
+        stages += adapters
+    return (f"preset {train.name}: {stages}; budget {PRESET_BUDGET_MINUTES[train.name]} min on 2 idle CPU cores "
+            "(longer on a busy machine)")
