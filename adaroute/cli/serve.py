@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from adaroute.cli import rollout as rollout_cli
 from adaroute.cli.common import add_model_arg, positive_int, setup_threads
 from adaroute.config import ServeConfig
 from adaroute.errors import AdarouteError
@@ -34,23 +35,30 @@ def add_parser(sub) -> None:
     p.add_argument("--audit-prompts", action="store_true", help="store prompt text in the audit log (default: hash)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require Authorization: Bearer KEY on /v1 (repeatable)")
+    p.add_argument("--admin-key", metavar="KEY", help="the key for /dashboard (Authorization: Bearer KEY or "
+                   "/dashboard?key=KEY) and the rollout admin API; without it the dashboard is open and there is "
+                   "no admin API")
     p.add_argument("--threads", type=positive_int, help="compute threads (default: ADAROUTE_THREADS or every core)")
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--drain", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, time in-flight requests get to finish before they are cancelled")
+    rollout_cli.add_serve_options(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     config = _config(args)
+    rollout_cli.check_serve_options(args)
     _check_port(config.host, config.port)
     if config.audit:
         _check_audit(Path(config.audit))
     setup_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    if args.admin_key is not None and not args.admin_key.strip():
+        raise AdarouteError("--admin-key: give a non-empty key")
     served = _load(args.model, config)
-    return _serve(served, config)
+    return _serve(served, config, args.admin_key, args)
 
 
 def _config(args) -> ServeConfig:
@@ -102,9 +110,10 @@ def _load(spec: str, config: ServeConfig):
     return ServedModel(model, tokenizer, name, config.context, routed_dir, aliases=(spec,))
 
 
-def _serve(served, config: ServeConfig) -> int:
+def _serve(served, config: ServeConfig, admin_key: str | None = None, args=None) -> int:
     import uvicorn  # noqa: PLC0415
 
+    from adaroute.serve import dashboard  # noqa: PLC0415
     from adaroute.serve.app import create_app  # noqa: PLC0415
     from adaroute.serve.service import Service  # noqa: PLC0415
 
@@ -112,7 +121,8 @@ def _serve(served, config: ServeConfig) -> int:
         service = Service(served, config)
     except ValueError as e:
         raise AdarouteError(f"--arm: {e}") from None
-    app = create_app(service)
+    rollout_routers = rollout_cli.attach(args, service) if args is not None else ()
+    app = create_app(service, extra_routers=(dashboard.router(admin_key), *rollout_routers))
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=config.drain_s))
     # uvicorn re-raises the signal it stopped on once it is done; with this handler a SIGTERM ends in exit 0.
