@@ -42,7 +42,7 @@ _SIGNATURES = {
     "ar_rmsnorm": [_P, _I64, _I64, _P, _F32, _P],
     "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
     "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P,
-                      _I32, _I32],
+                      _I32, _I32, _I64, _P, _P, _P],
     "ar_router_scores": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32],
 }
 
@@ -158,15 +158,18 @@ def unit_ffn(x, w_gate, w_up, w_down_t, mask=None, residual=None) -> torch.Tenso
 
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
-               min_units: int, max_units: int, residual=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused score -> select -> compute. Returns (y [T, H], counts [T] int64)."""
+               min_units: int, max_units: int, residual=None,
+               adapter: reference.Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused score -> select -> compute (with the routing adapter's low-rank terms for the selected
+    units when given). Returns (y [T, H], counts [T] int64)."""
     ok = _routable(x, w_gate, w_up, w_down_t, shadow_scale, unit_bias) and shadow_q.is_contiguous()
     ok = ok and _group_size(x, shadow_scale) % reference.GROUP == 0
+    ok = ok and (adapter is None or all(t.dtype is _F32_DTYPE and t.is_contiguous() for t in adapter))
     if not ok or not _residual_ok(residual):
         return reference.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias,
-                                    threshold, min_units, max_units, residual)
+                                    threshold, min_units, max_units, residual, adapter)
     return _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
-                        min_units, max_units, residual, all_units=False)
+                        min_units, max_units, residual, all_units=False, adapter=adapter)
 
 
 def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
@@ -201,7 +204,7 @@ def _residual_ok(residual) -> bool:
 
 
 def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units,
-                 max_units, residual, all_units: bool):
+                 max_units, residual, all_units: bool, adapter: reference.Adapter | None = None):
     t, h = x.shape
     f = w_gate.shape[0]
     y = residual if residual is not None else torch.empty(t, h, dtype=x.dtype)  # [T, H]
@@ -210,8 +213,15 @@ def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, t
         x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(), w_gate.stride(0),
         shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(),
         float(threshold), int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
-        int(residual is not None), _threads())
+        int(residual is not None), _threads(), *_adapter_args(adapter))
     return y, counts
+
+
+def _adapter_args(adapter: reference.Adapter | None) -> tuple:
+    """rank, w_in, w_units, w_out pointers for ar_routed_ffn (rank 0: no adapter)."""
+    if adapter is None:
+        return 0, None, None, None
+    return (adapter.rank, *(t.data_ptr() for t in adapter))
 
 
 def attention(qkv, k_cache, v_cache, cos, sin, pos: int, pad: torch.Tensor | None, n_heads: int) -> torch.Tensor:

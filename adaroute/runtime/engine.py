@@ -149,7 +149,7 @@ class Engine:
             counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i])
         else:
             _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
-                                     ffn.unit_bias, threshold, min_units, max_units, residual=x)
+                                     ffn.unit_bias, threshold, min_units, max_units, residual=x, adapter=ffn.adapter)
         if self.counter is not None:
             self.counter.add(counts, units)
         return counts

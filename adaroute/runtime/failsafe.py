@@ -140,7 +140,8 @@ class FailSafe:
             if fault == "raise":
                 raise InjectedFault(f"fault injected into layer {layer}'s sparse kernel")
             y, counts = kernel.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
-                                          bias, threshold, min_units, max_units)  # [N, H], [N]
+                                          bias, threshold, min_units, max_units,
+                                          adapter=ffn.adapter)  # [N, H], [N]
             if fault == "nan":
                 y[0, 0] = math.nan
             lo, hi = self.bands()[layer]

@@ -28,7 +28,8 @@ class ArLayer(ctypes.Structure):
                                         "shadow_q", "shadow_scale", "unit_bias")] + \
                [(name, _I64) for name in ("q_rows", "kv_rows", "units", "ldw", "group_size", "kind", "min_units",
                                           "max_units", "sparse_max_tokens")] + [("threshold", ctypes.c_float)] + \
-               [(name, _I64) for name in ("band_lo", "band_hi", "fault")]
+               [(name, _I64) for name in ("band_lo", "band_hi", "fault")] + \
+               [(name, _P) for name in ("a_in", "a_units", "a_out")] + [("adapter_rank", _I64)]
 
 
 class ArStep(ctypes.Structure):
@@ -71,6 +72,9 @@ class FusedDecoder:
                 c.shadow_q, c.shadow_scale, c.unit_bias = (t.data_ptr() for t in (f.shadow_q, f.shadow_scale,
                                                                                    f.unit_bias))
                 c.group_size = cpu._group_size(ly.mlp_norm.view(1, -1), f.shadow_scale)
+                if f.adapter is not None:
+                    c.a_in, c.a_units, c.a_out = (t.data_ptr() for t in f.adapter)
+                    c.adapter_rank = f.adapter.rank
                 self._routed.append((i, f))
 
     @classmethod
@@ -95,6 +99,8 @@ class FusedDecoder:
                 if not cpu._routable(x, f.w_gate, f.w_up, f.w_down_t, f.shadow_scale, f.unit_bias):
                     return None
                 if not f.shadow_q.is_contiguous() or cpu._group_size(x, f.shadow_scale) % 32:
+                    return None
+                if f.adapter is not None and not _plain(*f.adapter):
                     return None
         if not _plain(w.rope_cos, w.rope_sin):
             return None

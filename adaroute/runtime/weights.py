@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adaroute.kernels.reference import is_unit_packed
+from adaroute.kernels.reference import Adapter, is_unit_packed
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class RoutedFFN:
     shadow_scale: torch.Tensor  # [2F, H/G]
     unit_bias: torch.Tensor  # [F]
     module: nn.Module
+    adapter: Adapter | None = None  # routing adapter: applied by the sparse path only
 
     def policy(self) -> tuple[float, int, int]:
         m = self.module
@@ -53,11 +54,15 @@ class RoutedFFN:
 
     @property
     def router_share(self) -> float:
-        """Router bytes over the FFN's weight bytes."""
+        """Bytes a sparse call reads per token whatever it selects (router, adapter projections) over
+        the FFN's weight bytes."""
         def nbytes(*ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
-        return nbytes(self.shadow_q, self.shadow_scale, self.unit_bias) / nbytes(self.w_gate, self.w_up, self.w_down_t)
+        per_token = nbytes(self.shadow_q, self.shadow_scale, self.unit_bias)
+        if self.adapter is not None:
+            per_token += nbytes(self.adapter.w_in, self.adapter.w_out)
+        return per_token / nbytes(self.w_gate, self.w_up, self.w_down_t)
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,10 @@ def _layer(adapter, model: nn.Module, i: int) -> LayerWeights:
 def _ffn(adapter, mlp: nn.Module) -> DenseFFN | RoutedFFN:
     if is_routed_mlp(mlp):
         r = mlp.router
+        a = getattr(mlp, "adapter", None)
+        adapter = None if a is None else Adapter(*(_t(p) for p in a.tensors()))
         return RoutedFFN(*unit_weights(mlp.w_gate, mlp.w_up, mlp.w_down_t), _t(r.shadow_q), _t(r.shadow_scale),
-                         _t(r.unit_bias), mlp)
+                         _t(r.unit_bias), mlp, adapter)
     gate, up, down = adapter.gate_up_down(mlp)
     if gate is None:
         raise ValueError("the runtime needs a gated (SwiGLU) FFN")
@@ -200,12 +207,14 @@ def weight_bytes(w: ModelWeights, density: float | None = None) -> dict[str, int
         return sum(t.numel() * t.element_size() for t in ts)
 
     attn = sum(nbytes(ly.wq, ly.wk, ly.wv, ly.wo) for ly in w.layers)
-    ffn = router = 0
+    ffn = router = adapter = 0
     for ly in w.layers:
         f = ly.ffn
         if isinstance(f, RoutedFFN) and density is not None:
             ffn += int(density * nbytes(f.w_gate, f.w_up, f.w_down_t))
             router += nbytes(f.shadow_q, f.shadow_scale, f.unit_bias)
+            if f.adapter is not None:  # both projections per token, the selected units' 3r values
+                adapter += nbytes(f.adapter.w_in, f.adapter.w_out) + int(density * nbytes(f.adapter.w_units))
         else:
             ffn += nbytes(f.w_gate, f.w_up, f.w_down if isinstance(f, DenseFFN) else f.w_down_t)
-    return {"attention": attn, "ffn": ffn, "router": router, "head": nbytes(w.head)}
+    return {"attention": attn, "ffn": ffn, "router": router, "adapter": adapter, "head": nbytes(w.head)}

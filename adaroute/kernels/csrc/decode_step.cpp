@@ -24,7 +24,8 @@ void ar_attention(const float* qkv, int64_t b_count, int64_t t_count, int64_t n_
 void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const float* wg, const float* wu,
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale,
                    int64_t group_size, const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
-                   int all_units, float* y, int64_t* counts, int accumulate, int nthreads);
+                   int all_units, float* y, int64_t* counts, int accumulate, int nthreads, int64_t adapter_rank,
+                   const float* a_in, const float* a_units, const float* a_out);
 
 struct ArLayer {
   const float *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm;
@@ -39,6 +40,8 @@ struct ArLayer {
   float threshold;
   int64_t band_lo, band_hi;             // kind 1, fail-safe on: units per token a selection may have
   int64_t fault;                        // injected fault of this step: 2 the sparse kernel throws, 3 NaN out
+  const float *a_in, *a_units, *a_out;  // kind 1, routing adapter: [2r, H], [F, 3, r], [H, r] (sparse path only)
+  int64_t adapter_rank;                 // 0: no adapter
 };
 
 struct ArStep {
@@ -68,7 +71,7 @@ static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64
     if (ly.fault == 2) throw std::runtime_error("fault injected into the sparse kernel");
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 0, out, counts, 0,
-                  s->nthreads);
+                  s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out);
     if (ly.fault == 3) out[0] = NAN;
   } catch (...) {
     failed = true;
@@ -87,7 +90,7 @@ static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64
   std::vector<int64_t> every(n);
   ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                 ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 1, out, every.data(), 0,
-                s->nthreads);
+                s->nthreads, 0, nullptr, nullptr, nullptr);  // the fail-safe is the original dense FFN
   for (int64_t t = 0; t < n; ++t)
     if (code[t] != 0) {
       for (int64_t k = 0; k < hd; ++k) s->x[t * hd + k] += out[t * hd + k];
@@ -126,7 +129,7 @@ void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
     }
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, sparse ? 0 : 1, s->x, counts,
-                  1, th);
+                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out);
     if (!sparse) std::fill(counts, counts + n, -1);
   }
 }

@@ -280,6 +280,19 @@ struct RoutedCall {
   std::vector<uint8_t> mask;         // [T, F]: unit computed for token
   std::vector<int8_t> change;        // [T, F]: +1 / -1 unit added / dropped by the guards (correction pass)
   bool correcting = false;           // gather_unit adds change * contribution instead of mask * contribution
+  // Routing adapter (rank 0: none), see reference.Adapter: a_in [2r, H], a_units [F, 3, r], a_out [H, r].
+  int64_t rank = 0;
+  const float *a_in = nullptr, *a_units = nullptr, *a_out = nullptr;
+  std::vector<float> z;              // [T, 2r]: x @ a_in^T, computed once per call
+
+  void project_adapter_input() {
+    z.assign(static_cast<size_t>(nt) * 2 * rank, 0.0f);
+    for (int64_t k = 0; k < 2 * rank; ++k) {
+      float out[kMaxTokens];
+      dot_tokens(a_in + k * h, x, h, h, nt, out, nullptr);
+      for (int t = 0; t < nt; ++t) z[t * 2 * rank + k] = out[t];
+    }
+  }
 
   // Scores of units [i0, i1) for every token, and the threshold part of the selection.
   void score_units(int64_t i0, int64_t i1) {
@@ -332,15 +345,25 @@ struct RoutedCall {
   }
 
   // acc[t] += silu(g) * u * w_down_t[i] for the tokens that selected unit i; prefetches unit ``ahead``.
+  // With an adapter, g and u get unit i's low-rank terms and acc's adapter part (acc + nt * h, [T, r])
+  // gathers a * A_d[:, i]: only the selected units' 3r adapter values are read.
   void gather_unit(int64_t i, int64_t ahead, float* acc) const {
     float g[kMaxTokens], u[kMaxTokens], a[kMaxTokens];
     dot_tokens(wg + i * ldw, x, h, h, nt, g, wg + ahead * ldw);
     dot_tokens(wu + i * ldw, x, h, h, nt, u, wu + ahead * ldw);
+    const float* au = a_units + i * 3 * rank;  // [3, r]: B_g row, B_u row, A_d column
+    if (rank) {
+      float dg[kMaxTokens], du[kMaxTokens];
+      dot_tokens(au, z.data(), 2 * rank, rank, nt, dg, nullptr);
+      dot_tokens(au + rank, z.data() + rank, 2 * rank, rank, nt, du, nullptr);
+      for (int t = 0; t < nt; ++t) g[t] += dg[t], u[t] += du[t];
+    }
     for (int t = 0; t < nt; ++t) {
       const float c = correcting ? static_cast<float>(change[t * f + i]) : static_cast<float>(mask[t * f + i]);
       a[t] = c != 0.0f ? c * (silu(g[t]) * u[t]) : 0.0f;
     }
     axpy_tokens(wd_t + i * ldw, a, nt, acc, h, h, wd_t + ahead * ldw);
+    if (rank) axpy_tokens(au + 2 * rank, a, nt, acc + nt * h, rank, rank, nullptr);
   }
 
   // Gathers the listed units (ascending), interleaving the scoring of units [s0, s1): the int4
@@ -395,7 +418,8 @@ extern "C" {
 void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const float* wg, const float* wu,
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale, int64_t group_size,
                    const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
-                   int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
+                   int all_units, float* y, int64_t* counts, int accumulate, int nthreads, int64_t adapter_rank,
+                   const float* a_in, const float* a_units, const float* a_out) {
   const int nt = static_cast<int>(t_count);
   RoutedCall call{x, wg, wu, wd_t, shadow_scale, unit_bias, shadow_q, nt, h, ldw, f, h / 2,
                   h / std::max<int64_t>(group_size, 1), threshold, {}, {}, {}};
@@ -403,7 +427,14 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   if (!all_units) {
     call.qx.build(x, nt, h, group_size);
     call.score.resize(nt * f);
+    // The adapter belongs to the routed path only: every unit (the dense FFN) never reads it.
+    call.rank = adapter_rank;
+    call.a_in = a_in, call.a_units = a_units, call.a_out = a_out;
+    if (adapter_rank) call.project_adapter_input();
   }
+  const int64_t r = call.rank;
+  const size_t stride = static_cast<size_t>(nt) * (h + r);  // per thread: [T, H] output, then [T, r] adapter
+  std::vector<float> zsum(static_cast<size_t>(nt) * r);     // the adapter parts summed over threads
   std::vector<float> partial;
   std::vector<int> units;
   std::vector<uint8_t> first;  // the threshold-only selection of the first pass
@@ -412,9 +443,9 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
 #pragma omp parallel num_threads(nthreads)
   {
 #pragma omp single
-    partial.assign(static_cast<size_t>(omp_get_num_threads()) * nt * h, 0.0f);
+    partial.assign(static_cast<size_t>(omp_get_num_threads()) * stride, 0.0f);
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    float* acc = partial.data() + static_cast<size_t>(tid) * nt * h;
+    float* acc = partial.data() + static_cast<size_t>(tid) * stride;
     if (!all_units) pipelined_pass(call, next_block, acc);
 #pragma omp barrier
 #pragma omp single
@@ -455,16 +486,29 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
         }
         if (all_units) std::fill(counts, counts + nt, f);
       }
-      if (!call.correcting) std::fill(acc, acc + nt * h, 0.0f);
+      if (!call.correcting) std::fill(acc, acc + stride, 0.0f);
       const int64_t nu = static_cast<int64_t>(units.size());
 #pragma omp for schedule(dynamic, kChunk) nowait
       for (int64_t p = 0; p < nu; ++p) call.gather_unit(units[p], units[std::min(p + kAhead, nu - 1)], acc);
 #pragma omp barrier
     }
+    if (r) {
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < nt * r; ++c) {
+        float s = 0.0f;
+        for (int th = 0; th < team; ++th) s += partial[static_cast<size_t>(th) * stride + nt * h + c];
+        zsum[c] = s;
+      }
+    }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < nt * h; ++c) {
       float s = accumulate ? y[c] : 0.0f;
-      for (int th = 0; th < team; ++th) s += partial[static_cast<size_t>(th) * nt * h + c];
+      for (int th = 0; th < team; ++th) s += partial[static_cast<size_t>(th) * stride + c];
+      if (r) {  // the down adapter's output projection: a_out[row] . zsum[t]
+        const float* zt = zsum.data() + (c / h) * r;
+        const float* ar = a_out + (c % h) * r;
+        for (int64_t k = 0; k < r; ++k) s += ar[k] * zt[k];
+      }
       y[c] = s;
     }
   }
