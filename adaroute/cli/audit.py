@@ -1,4 +1,5 @@
-"""`adaroute audit DB`: what a server's audit log says, per arm (requests, tokens, latency, density)."""
+"""`adaroute audit DB`: what a server's audit log says, per arm (requests, tokens, latency, density), and
+for a staged rollout the timeline of stage changes and each stage's KPIs per arm."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from adaroute.cli.common import format_table, write_json
 from adaroute.errors import AdarouteError
 from adaroute.serve.audit import summarize
+from adaroute.serve.rollout_audit import rollout_summary
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -28,10 +30,14 @@ def run(args) -> int:
     if not path.is_file():
         raise AdarouteError(f"no audit log at {path}: give the file passed to `adaroute serve --audit`")
     try:
-        summary = summarize(path, _since(args.since))
+        since = _since(args.since)
+        summary = summarize(path, since)
+        summary["rollout"] = rollout_summary(path, since)
     except sqlite3.Error as e:
         raise AdarouteError(f"{path} is not an adaroute audit log ({e})") from None
     print(_table(summary))
+    if summary["rollout"]["events"]:
+        print(_rollout_table(summary["rollout"]))
     write_json(args.json, summary)
     return 0
 
@@ -62,6 +68,20 @@ def _table(summary: dict) -> str:
         if s["layer_density"]:
             lines.append(f"{arm} per-layer density: " + " ".join(f"{d:.2f}" for d in s["layer_density"]))
     return "\n".join(lines)
+
+
+def _rollout_table(view: dict) -> str:
+    lines = ["rollout timeline:"]
+    for e in view["events"]:
+        when = datetime.fromtimestamp(e["created"]).isoformat(timespec="seconds")
+        lines.append(f"  {when}  {e['kind']:<8} {e['from_stage'] or '-':>6} -> {e['to_stage']:<6}  by {e['actor']}: "
+                     f"{e['reason']}")
+    headers = ["stage", "arm", "requests", "latency p50 s", "latency p95 s", "tokens/s", "density", "fail-safe events",
+               "shadowed", "agreement", "KL"]
+    rows = [[stage, arm, k["requests"], _n(k["latency_s"]["p50"]), _n(k["latency_s"]["p95"]), _n(k["tokens_per_s"]),
+             _n(k["mean_density"]), k["failsafe_events"], k["shadowed"], _n(k["shadow_agreement"]), _n(k["shadow_kl"])]
+            for stage, arms in view["stages"].items() for arm, k in arms.items()]
+    return "\n".join([*lines, format_table(headers, rows)])
 
 
 def _n(value: float | None):

@@ -96,11 +96,13 @@ def default_gates(service: Service, calibration: dict) -> GateConfig:
     first CALIBRATION_TOKENS tokens of the calibration text (class defaults when it is not at hand)."""
     agreement, kl = calibration.get("agreement"), calibration.get("kl")
     if agreement is None:
-        agreement, kl = _measure(service, calibration.get("data") or [])
+        model = service.model
+        agreement, kl = calibration_quality(model.engines["routed"].w, model.text_ids, calibration.get("data") or [])
     return GateConfig.from_calibration(agreement, kl)
 
 
-def _measure(service: Service, specs: list[str]) -> tuple[float | None, float | None]:
+def calibration_quality(weights, text_ids, specs: list[str]) -> tuple[float | None, float | None]:
+    """Teacher-forced (agreement, KL) of routed against dense on the calibration text ``specs``."""
     from adaroute.data import load_texts  # noqa: PLC0415
 
     try:
@@ -108,8 +110,8 @@ def _measure(service: Service, specs: list[str]) -> tuple[float | None, float | 
     except Exception as e:  # data named by a calibration.json may live on another machine
         log.warning("gates: calibration data %s not readable (%s); using the built-in defaults", specs, e)
         return None, None
-    ids = service.model.text_ids(text[:CALIBRATION_TOKENS * 16])[:CALIBRATION_TOKENS]
+    ids = text_ids(text[:CALIBRATION_TOKENS * 16])[:CALIBRATION_TOKENS]
     if len(ids) < 16:
         return None, None
-    result = Rescorer(service.model.engines["routed"].w)(ShadowJob("calibration", ids[:1], ids[1:], "calibration"))
+    result = Rescorer(weights)(ShadowJob("calibration", ids[:1], ids[1:], "calibration"))
     return result.agreement, result.kl

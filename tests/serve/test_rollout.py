@@ -133,6 +133,11 @@ def test_a_faulty_routed_arm_is_rolled_back_and_no_request_fails(tiny_routed_dir
         assert routed and all(r["failsafe"] > 0 and reason in json.loads(r["failsafe_reasons"]) for r in routed)
         code, out = s.terminate()
         assert code == 0 and "rolling back routed -> dense" in out
+        view = subprocess.run([sys.executable, "-m", "adaroute", "audit", str(audit), "--json", str(tmp_path / "a.json")],
+                              capture_output=True, text=True, timeout=60)
+        assert view.returncode == 0 and "rollout timeline:" in view.stdout and "rollback routed -> dense" in view.stdout
+        stages = json.loads((tmp_path / "a.json").read_text())["rollout"]["stages"]
+        assert stages["routed"]["routed"]["failsafe_events"] > 0 and stages["dense"]["dense"]["requests"] > 0
     finally:
         s.stop()
 
