@@ -195,3 +195,18 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     head_rows = weights.shape[0] // n_head
     split = weights.reshape(n_head, 2, head_rows // 2, *weights.shape[1:])
     return split.swapaxes(1, 2).reshape(weights.shape)
+
+
+def convert_tiny(root, density: float = 0.5):
+    """A tiny Llama converted for real with quick settings, calibrated on a few help topics:
+    (ConvertResult, routed directory ``root / "routed"``)."""
+    from adaroute.config import RoutingConfig, TrainConfig
+    from adaroute.convert import convert
+
+    write_hf_dir(root / "dense")
+    calib = root / "calib.txt"
+    calib.write_text("\n\n".join(topics[k] for k in ("class", "assignment", "import")))
+    train = TrainConfig(calib_tokens=1024, window=64, ranking_steps=5, ranking_batch=256, sensitivity_tokens=256)
+    result = convert(str(root / "dense"), [str(calib)], output=root / "routed", train=train,
+                     routing=RoutingConfig(density=density, layer_min_density=0.2))
+    return result, root / "routed"

@@ -5,25 +5,14 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 
-from adaroute.config import RoutingConfig, TrainConfig
-from adaroute.convert import convert
 from adaroute.routing import RoutedMLP
 from adaroute.routing.quality import compare_with_dense
-from tests.fixtures import write_hf_dir
-
-TRAIN = TrainConfig(calib_tokens=1024, window=64, ranking_steps=5, ranking_batch=256, sensitivity_tokens=256)
+from tests.fixtures import convert_tiny, write_hf_dir
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convert")
-    write_hf_dir(root / "dense")
-    calib = root / "calib.txt"
-    calib.write_text("\n\n".join(topics[k] for k in ("class", "assignment", "import")))
-    out = root / "routed"
-    result = convert(str(root / "dense"), [str(calib)], output=out, train=TRAIN,
-                     routing=RoutingConfig(density=0.5, layer_min_density=0.2))
-    return result, out
+    return convert_tiny(tmp_path_factory.mktemp("convert"))
 
 
 def test_directory_is_self_contained_and_loads_routed(converted):

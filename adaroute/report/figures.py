@@ -41,31 +41,35 @@ def plot_curve(rows: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
+def _grouped_bars(ax, labels: list[str], bars: dict[str, tuple[list[float], str]], fmt: str) -> None:
+    """One group of bars per label, one bar per series {name: (values, colour)}, values printed on top."""
+    x, width = np.arange(len(labels)), 0.8 / len(bars)
+    for i, (name, (values, color)) in enumerate(bars.items()):
+        drawn = ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, color=color, label=name)
+        ax.bar_label(drawn, fmt=fmt, fontsize=8)
+    ax.set_xticks(x, labels)
+    ax.legend(loc="upper left")
+
+
 def plot_speed(records: list[dict], path: Path) -> str:
     batches = sorted({r["batch"] for r in records})
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    x, width = np.arange(len(batches)), 0.38
-    for i, (engine, color) in enumerate((("adaroute-dense", DENSE), ("adaroute-routed", ROUTED))):
-        tps = [next((r["decode_tokens_per_s"] for r in records if r["engine"] == engine and r["batch"] == b), 0)
-               for b in batches]
-        bars = ax.bar(x + (i - 0.5) * width, tps, width, color=color, label=engine)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(x, [f"batch {b}" for b in batches])
+    def tps(engine):
+        return [next((r["decode_tokens_per_s"] for r in records if r["engine"] == engine and r["batch"] == b), 0)
+                for b in batches]
+
+    _grouped_bars(ax, [f"batch {b}" for b in batches],
+                  {e: (tps(e), c) for e, c in (("adaroute-dense", DENSE), ("adaroute-routed", ROUTED))}, "%.0f")
     ax.set(ylabel="decode tokens/s", title="Decode throughput, measured in this run")
-    ax.legend(loc="upper left")
     return _save(fig, path)
 
 
 def plot_cost(scenarios: list[dict], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    x, width = np.arange(len(scenarios)), 0.38
-    for i, (arm, color) in enumerate((("dense", DENSE), ("routed", ROUTED))):
-        cost = [s[arm]["cost_per_million_tokens"] for s in scenarios]
-        bars = ax.bar(x + (i - 0.5) * width, cost, width, color=color, label=arm)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    ax.set_xticks(x, [f"batch {s['batch']}" for s in scenarios])
+    cost = {arm: [s[arm]["cost_per_million_tokens"] for s in scenarios] for arm in ("dense", "routed")}
+    _grouped_bars(ax, [f"batch {s['batch']}" for s in scenarios],
+                  {"dense": (cost["dense"], DENSE), "routed": (cost["routed"], ROUTED)}, "%.3g")
     ax.set(ylabel="cost per 1M tokens", title="Serving cost at the measured throughput")
-    ax.legend(loc="upper left")
     return _save(fig, path)
 
 
