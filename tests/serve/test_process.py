@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from adaroute.config import FORMAT_VERSION
 from tests.serve.conftest import ServerProcess, free_port, wait_rows
 
 
@@ -130,7 +131,7 @@ def test_a_routed_model_serves_both_arms_from_one_copy(routed_server):
     rows = wait_rows(routed_server.audit, count=2)
     routed_row = next(r for r in rows if r["arm"] == "routed")
     assert routed_row["routed_hash"] and len(routed_row["routed_hash"]) == 64
-    assert routed_row["base_model"] == "tiny" and routed_row["format_version"] == 1
+    assert routed_row["base_model"] == "tiny" and routed_row["format_version"] == FORMAT_VERSION
 
 
 def test_layer_density_gauges_fill_over_a_window(routed_server):
