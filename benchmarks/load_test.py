@@ -142,7 +142,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--requests", default="200", help="requests per phase; a list matches --concurrency (40,200)")
     p.add_argument("--concurrency", default="8", help="one or more, comma-separated (e.g. 1,8)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--arms", default="", help="comma-separated arms to test (default: the server's default arm)")
@@ -153,30 +153,33 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="split each phase into this many turns, phases alternating")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
-    if not 0 < args.requests <= MAX_REQUESTS:
-        raise SystemExit(f"load_test: --requests must be in 1..{MAX_REQUESTS}")
-    if not 0 < args.rounds <= args.requests:
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    counts = [int(n) for n in args.requests.split(",")]
+    counts = counts * len(concurrency) if len(counts) == 1 else counts
+    if len(counts) != len(concurrency) or not all(0 < n <= MAX_REQUESTS for n in counts):
+        raise SystemExit(f"load_test: --requests: one count in 1..{MAX_REQUESTS}, or one per --concurrency value")
+    if not 0 < args.rounds <= min(counts):
         raise SystemExit("load_test: --rounds must be in 1..--requests")
     loopback_only(args.url)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
-    phases = [(arm, int(c)) for arm in [a for a in args.arms.split(",") if a] or [None]
-              for c in args.concurrency.split(",")]
+    phases = [(arm, c, n) for arm in [a for a in args.arms.split(",") if a] or [None]
+              for c, n in zip(concurrency, counts, strict=True)]
     done = {ph: ([], 0.0, 0) for ph in phases}  # results, wall seconds, audit rows
     for r in range(args.rounds):  # phases take turns, so a change in machine load hits them alike
-        for arm, conc in phases:
-            n = args.requests // args.rounds + (r < args.requests % args.rounds)
+        for arm, conc, total in phases:
+            n = total // args.rounds + (r < total % args.rounds)
             results, wall, since = asyncio.run(phase(args.url, model, arm, n, conc, args.max_tokens, headers,
                                                      args.time_limit))
             rows_now = 0
             if args.audit:
                 time.sleep(1.0)  # the audit writer commits every 0.25 s
                 rows_now = audit_rows(args.audit, since)
-            before = done[(arm, conc)]
-            done[(arm, conc)] = (before[0] + results, before[1] + wall, before[2] + rows_now)
+            before = done[(arm, conc, total)]
+            done[(arm, conc, total)] = (before[0] + results, before[1] + wall, before[2] + rows_now)
             print(f"round {r + 1}: {arm or 'default'} x{conc}: {len(results)} requests in {wall:.1f} s", flush=True)
     rows = []
-    for (arm, conc), (results, wall, audited) in done.items():
+    for (arm, conc, _), (results, wall, audited) in done.items():
         row = {"arm": arm or "default", "concurrency": conc, **summarize(results, wall)}
         if args.audit:
             row["audit_rows"] = audited

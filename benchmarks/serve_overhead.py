@@ -60,8 +60,9 @@ def main() -> None:
     loopback_only(args.url)
 
     from adaroute.cli.common import setup_threads
-    from adaroute.eval.bench import bench_prompts, runtime_engine
+    from adaroute.eval.bench import bench_prompts
     from adaroute.models import load_model
+    from adaroute.runtime import Engine, ExecutionPolicy, generate
 
     setup_threads()
     model, tokenizer = load_model(args.model)
@@ -69,15 +70,17 @@ def main() -> None:
     ids = bench_prompts(tokenizer, 1, args.prompt_tokens)
     prompt = tokenizer.decode(ids[0], skip_special_tokens=True)
     arms = [a for a in args.arms.split(",") if a]
-    engines = {arm: runtime_engine(model, routed=arm == "routed") for arm in arms}
+    # the engines `adaroute bench` times (eval.bench.runtime_engine): the routed policy, or always dense
+    engines = {arm: Engine.from_model(model, policy=ExecutionPolicy() if arm == "routed"
+                                      else ExecutionPolicy.always_dense()) for arm in arms}
     for arm in arms:  # warm-up, both sides
-        engines[arm].generate(ids, 8)
+        generate(engines[arm], ids, 8)
         http_decode_rate(args.url, name, prompt, 8, arm)
     rates: dict[str, dict[str, list[float]]] = {arm: {"bench": [], "http": []} for arm in arms}
     for r in range(args.rounds):
         for arm in arms:
-            run = engines[arm].generate(ids, args.new_tokens)
-            rates[arm]["bench"].append(len(run.step_s) / sum(run.step_s))
+            run = generate(engines[arm], ids, args.new_tokens)
+            rates[arm]["bench"].append(len(run.step_s) / sum(run.step_s))  # as eval.bench: from the second token
             rates[arm]["http"].append(http_decode_rate(args.url, name, prompt, args.new_tokens, arm))
             print(f"round {r + 1} {arm}: bench {rates[arm]['bench'][-1]:.1f}  http {rates[arm]['http'][-1]:.1f} tok/s",
                   flush=True)
