@@ -21,9 +21,9 @@ import json
 import random
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 
 from adaroute.cli.common import format_table, setup_threads
 from adaroute.models import load_model
@@ -86,6 +86,10 @@ def simulate(samples: list[dict], gates: GateConfig, seed: int, requests: int, s
     return None
 
 
+def _mean(samples: list[dict], key: str) -> float:
+    return sum(x[key] for x in samples) / len(samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--routed", required=True)
@@ -118,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         horizon = args.stream if arm == "healthy" else gates.window
         when = [simulate(s, gates, seed, horizon, args.shadow_fraction) for seed in range(args.seeds)]
         rolled = [w for w in when if w is not None]
-        mean = lambda k: sum(x[k] for x in s) / len(s)  # noqa: E731
-        rows.append([arm, len(s), round(mean("agreement"), 4), round(mean("kl"), 4),
+        rows.append([arm, len(s), round(_mean(s, "agreement"), 4), round(_mean(s, "kl"), 4),
                      round(sum(x["failsafe_events"] for x in s) / sum(x["failsafe_slots"] for x in s), 5),
                      f"{len(rolled)}/{args.seeds}", horizon, round(sum(rolled) / len(rolled), 1) if rolled else "-"])
         result["arms"][arm] = {"samples": len(s), "rollbacks": len(rolled), "runs": args.seeds, "horizon": horizon,

@@ -138,13 +138,12 @@ def attach(args, service) -> tuple:
         _what_if(args, service)
     if args.stage is None:
         return ()
+    from adaroute.models import is_routed, resolve  # noqa: PLC0415
     from adaroute.runtime.failsafe import FaultInjector  # noqa: PLC0415
     from adaroute.serve.admin import admin_router  # noqa: PLC0415
     from adaroute.serve.gates import GateConfig  # noqa: PLC0415
     from adaroute.serve.rollout import Rollout  # noqa: PLC0415
     from adaroute.serve.rollout_service import StagedRollout, calibration_of, default_gates  # noqa: PLC0415
-
-    from adaroute.models import is_routed, resolve  # noqa: PLC0415
 
     source = resolve(args.model)
     calibration = calibration_of(source.directory if is_routed(source) else None)

@@ -27,7 +27,7 @@ def routed():
 def _decode_logits(engine, steps=6):
     cache = engine.new_cache(1, 32)
     out = [engine.forward(torch.tensor([PROMPT]), cache)]
-    for i in range(steps):
+    for _ in range(steps):
         out.append(engine.forward(torch.tensor([[int(out[-1].argmax())]]), cache))
     return torch.cat(out)  # [steps + 1, V]
 

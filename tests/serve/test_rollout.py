@@ -101,7 +101,8 @@ def test_the_rollout_command_reads_and_changes_the_stage(canary, tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "401" in done.stderr
     events = wait_rows(canary.audit, "1", 1) and _events(canary.audit)
     last = events[-1]
-    assert (last["kind"], last["from_stage"], last["to_stage"], last["reason"]) == ("set", "canary", "shadow", "quieter")
+    assert (last["kind"], last["from_stage"], last["to_stage"]) == ("set", "canary", "shadow")
+    assert last["reason"] == "quieter"
     assert last["actor"].startswith("admin:key-") and ADMIN not in last["actor"]
     cli("set", "--admin-key", ADMIN, "--stage", "canary")
 
@@ -133,8 +134,8 @@ def test_a_faulty_routed_arm_is_rolled_back_and_no_request_fails(tiny_routed_dir
         assert routed and all(r["failsafe"] > 0 and reason in json.loads(r["failsafe_reasons"]) for r in routed)
         code, out = s.terminate()
         assert code == 0 and "rolling back routed -> dense" in out
-        view = subprocess.run([sys.executable, "-m", "adaroute", "audit", str(audit), "--json", str(tmp_path / "a.json")],
-                              capture_output=True, text=True, timeout=60)
+        view = subprocess.run([sys.executable, "-m", "adaroute", "audit", str(audit), "--json",
+                               str(tmp_path / "a.json")], capture_output=True, text=True, timeout=60)
         assert view.returncode == 0 and "rollout timeline:" in view.stdout and "rollback routed -> dense" in view.stdout
         stages = json.loads((tmp_path / "a.json").read_text())["rollout"]["stages"]
         assert stages["routed"]["routed"]["failsafe_events"] > 0 and stages["dense"]["dense"]["requests"] > 0
