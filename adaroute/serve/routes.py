@@ -86,7 +86,7 @@ def _admission(request: Request, req, endpoint: str, ids: list[int], text: str, 
     sampling = SamplingConfig(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed)
     client = request.headers.get("x-adaroute-key") or (req.model_extra or {}).get("user")
     return Admission(endpoint, ids, text, budget, sampling, req.stop_strings(), req.arm, request.state.key_id,
-                     client_key=client if isinstance(client, str) and client else None)
+                     client_key=client if isinstance(client, str) and client else None, explain=req.explain)
 
 
 async def _respond(request: Request, req, pending: Pending, shape):
@@ -142,8 +142,18 @@ class _Shape:
 
     def extension(self) -> dict:
         fin = self.p.finished
-        return {"arm": self.p.arm, "ffn_density": round(fin.density, 4),
-                "units_per_token": {k: round(v, 2) for k, v in fin.units_per_token.items()}}
+        out = {"arm": self.p.arm, "ffn_density": round(fin.density, 4),
+               "units_per_token": {k: round(v, 2) for k, v in fin.units_per_token.items()}}
+        if fin.steps is not None:
+            out["explain"] = self._explain(fin)
+        return out
+
+    def _explain(self, fin) -> dict:
+        """Per decode step: its input token and the units each layer computed (the first token comes
+        from the prefill, which runs dense, so step i reads the i-th generated token)."""
+        decode = self.p.service.model.tokenizer.decode
+        return {"units_of": int(fin.units_per_token["of"]),
+                "steps": [{"token": decode([token]), "units": units} for token, units in fin.steps]}
 
     def whole(self, text: str) -> dict:
         body = self._base(self.object_whole, [self._choice(text, self.p.reason)])

@@ -47,6 +47,7 @@ class GenRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     arrival: float = field(default_factory=time.perf_counter)
     context: object = None  # the caller's handle, passed back with every event
+    explain: bool = False  # keep (input token, units per layer) of every decode step
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Finished:
     layer_density: list[float]  # per layer: units computed / units, over decode steps (1.0 = dense)
     units_per_token: dict[str, float]  # mean / std / min / max units per layer and token, and "of" (F)
     failsafe: dict[str, int] = field(default_factory=dict)  # (layer, token) fail-safe events by reason
+    steps: list[tuple[int, list[int]]] | None = None  # explain: (input token, units [L]) per decode step
 
     @property
     def density(self) -> float:
@@ -82,6 +84,7 @@ class _Live:
         self.tok_sum = self.tok_sq = 0.0  # per-token units (mean over layers), for the summary
         self.tok_min, self.tok_max = float("inf"), 0.0
         self.failsafe = [0] * len(REASONS)  # fail-safe events by reason (runtime.failsafe codes 1..3)
+        self.explained: list[tuple[int, list[int]]] | None = [] if req.explain else None
 
 
 class Scheduler:
@@ -238,6 +241,8 @@ class Scheduler:
             t = per_token[i]
             s.tok_sum, s.tok_sq = s.tok_sum + t, s.tok_sq + t * t
             s.tok_min, s.tok_max = min(s.tok_min, t), max(s.tok_max, t)
+            if s.explained is not None:  # the step's input is the last token this sequence emitted
+                s.explained.append((s.last, [int(x) for x in u[:, i].tolist()]))
 
     @staticmethod
     def _count_failsafe(live: list[_Live], codes: torch.Tensor | None) -> None:
@@ -290,7 +295,8 @@ class Scheduler:
         failsafe = {} if s is None else {r: n for r, n in zip(REASONS, s.failsafe, strict=True) if n}
         return Finished(reason, 0 if s is None else s.generated,
                         None if s is None or s.first_at is None else s.first_at - req.arrival,
-                        now - req.arrival, layer_density, {**summary, "of": self.units}, failsafe)
+                        now - req.arrival, layer_density, {**summary, "of": self.units}, failsafe,
+                        None if s is None else s.explained)
 
     def _flush(self, events: list[Event]) -> None:
         if events:

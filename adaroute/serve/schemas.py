@@ -44,6 +44,12 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class AdarouteOptions(_Strict):
+    """adaroute extension, ``"adaroute": {...}`` in a request body."""
+
+    explain: bool = False  # the response lists, per decode step, the units each layer computed
+
+
 class _Generation(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -56,6 +62,11 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     arm: Literal["dense", "routed"] | None = None  # adaroute extension: which arm answers
+    adaroute: AdarouteOptions | None = None
+
+    @property
+    def explain(self) -> bool:
+        return self.adaroute is not None and self.adaroute.explain
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -40,6 +40,7 @@ class Admission:
     key_id: str | None
     client_key: str | None = None  # the request's ``user`` or X-Adaroute-Key header (sticky canary choice)
     stage: str | None = None  # the rollout stage that chose its arm (None without a rollout)
+    explain: bool = False  # keep the units of every decode step and layer for the response
 
 
 # Chooses the arm that answers a request (the rollout plugs its stages in here).
@@ -146,7 +147,7 @@ class Service:
             raise APIError(400, f"arm {arm!r} is not served by this model; it serves {list(self.model.arms)}",
                            param="arm", reason="bad_request")
         max_tokens = self._budget(adm)
-        req = GenRequest(uuid.uuid4().hex, adm.prompt_ids, max_tokens, arm, adm.sampling)
+        req = GenRequest(uuid.uuid4().hex, adm.prompt_ids, max_tokens, arm, adm.sampling, explain=adm.explain)
         pending = Pending(self, adm, req)
         req.context = pending
         try:
