@@ -64,6 +64,23 @@ def unit_packed_copy(routed):
     return packed
 
 
+def adapted_copy(routed, rank: int):
+    """A copy of a routed model with rank-``rank`` routing adapters holding random non-zero weights:
+    an adapter leaves the selection unchanged (it does not touch the router's input), so its cost is
+    the same whatever it learned."""
+    from adaroute.routing import routed_modules
+
+    adapted = copy.deepcopy(routed)
+    g = torch.Generator().manual_seed(0)
+    for m in routed_modules(adapted):
+        if not m.is_dense:
+            a = m.add_adapter(rank, g)
+            with torch.no_grad():
+                for p in a.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    return adapted
+
+
 def speedup_summary(records) -> list[str]:
     lines = []
     for r in records:
@@ -88,6 +105,8 @@ def main():
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--unit-packed", action="store_true",
                    help="also run each routed model with unit-packed [F, 3, H] weights")
+    p.add_argument("--adapt-rank", type=int, default=0,
+                   help="also run each routed model with routing adapters of this rank")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU path: PyTorch + Triton kernels)")
     p.add_argument("--json")
     args = p.parse_args()
@@ -100,6 +119,9 @@ def main():
     routed = {f"{float(d)}": calibrated_copy(model, tokenizer, float(d)) for d in args.densities.split(",") if d}
     if args.unit_packed:
         routed.update({f"{d}-packed": unit_packed_copy(m) for d, m in list(routed.items())})
+    if args.adapt_rank:
+        routed.update({f"{d}+adapters-r{args.adapt_rank}": adapted_copy(m, args.adapt_rank)
+                       for d, m in list(routed.items())})
     records = []
     for batch in [int(b) for b in args.batch.split(",")]:
         engines = build_engines(model)[(1 if args.no_hf else 0):]
