@@ -11,8 +11,6 @@ from pathlib import Path
 
 from adaroute.cli.common import format_table, write_json
 from adaroute.errors import AdarouteError
-from adaroute.serve.audit import summarize
-from adaroute.serve.rollout_audit import rollout_summary
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -31,6 +29,9 @@ def run(args) -> int:
         raise AdarouteError(f"no audit log at {path}: give the file passed to `adaroute serve --audit`")
     try:
         since = _since(args.since)
+        from adaroute.serve.audit import summarize
+        from adaroute.serve.rollout_audit import rollout_summary
+
         summary = summarize(path, since)
         summary["rollout"] = rollout_summary(path, since)
     except sqlite3.Error as e:

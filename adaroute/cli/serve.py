@@ -12,8 +12,6 @@ import socket
 import sqlite3
 from pathlib import Path
 
-import torch
-
 from adaroute.cli import rollout as rollout_cli
 from adaroute.cli.common import add_model_arg, positive_int, setup_threads
 from adaroute.config import ServeConfig
@@ -54,6 +52,8 @@ def run(args) -> int:
         _check_audit(Path(config.audit))
     setup_threads()
     if config.threads:
+        import torch
+
         torch.set_num_threads(config.threads)
     if args.admin_key is not None and not args.admin_key.strip():
         raise AdarouteError("--admin-key: give a non-empty key")
