@@ -189,6 +189,7 @@ def _draw(report: dict, out: Path) -> dict[str, str]:
     }
     if report["traffic"] and report["traffic"]["per_arm_over_time"]:
         drawn["traffic"] = figures.plot_traffic(report["traffic"], out / "traffic.png")
+        drawn["density_by_arm"] = figures.plot_density_by_arm(report["traffic"], out / "density_by_arm.png")
     return drawn
 
 

@@ -145,14 +145,29 @@ def plot_explain(section: dict, path: Path) -> str:
 
 
 def plot_traffic(section: dict, path: Path) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for arm, series in section["per_arm_over_time"].items():
-        axes[0].plot(series["minute"], series["requests"], "o-", label=f"{arm} requests", ms=3)
-    axes[0].set(xlabel="minutes since first request", ylabel="requests per minute", title="Requests per arm")
-    axes[0].legend(fontsize=8)
+        color = {"dense": DENSE, "routed": ROUTED}.get(arm)
+        axes[0].plot(series["minute"], series["requests"], "o-", color=color, label=arm, ms=3)
+        axes[1].plot(series["minute"], series["completion_tokens"], "o-", color=color, label=arm, ms=3)
+        axes[2].plot(series["minute"], series["failsafe"], "o-", color=color, label=arm, ms=3)
+    for ax, what in zip(axes, ("requests", "generated tokens", "fail-safe events"), strict=True):
+        ax.set(xlabel="minutes since the first request", ylabel=f"{what} per minute",
+               title=f"{what.capitalize()} per arm")
+        ax.legend(fontsize=8)
+    for e in section["rollout_events"]:  # stage changes as vertical lines, rollbacks in red
+        for ax in axes:
+            ax.axvline((e["created"] - section["start"]) / 60, color="#d62728" if e["kind"] == "rollback" else "#999",
+                       ls=":", lw=1)
+    return _save(fig, path)
+
+
+def plot_density_by_arm(section: dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
     for arm, values in section["density_by_arm"].items():
         if values:
-            axes[1].hist(values, bins=20, range=(0, 1), alpha=0.6, label=arm)
-    axes[1].set(xlabel="request FFN density", ylabel="requests", title="Density per arm")
-    axes[1].legend(fontsize=8)
+            ax.hist(values, bins=20, range=(0, 1), alpha=0.6, label=arm,
+                    color={"dense": DENSE, "routed": ROUTED}.get(arm))
+    ax.set(xlabel="request FFN density", ylabel="requests", title="Density per arm")
+    ax.legend(fontsize=8)
     return _save(fig, path)

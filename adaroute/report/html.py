@@ -163,14 +163,21 @@ def _traffic(r: dict) -> str:
     if t is None:
         return "<p class=note>No audit log given: pass <code>--audit DB</code> (the SQLite file of " \
                "<code>adaroute serve --audit</code>) for requests per arm, density per arm and events.</p>"
-    arms = t["summary"]["arms"]
+    arms, fs = t["summary"]["arms"], t["failsafe_by_arm"]
     rows = [[escape(a), s["requests"], s["prompt_tokens"], s["completion_tokens"], _f(s["density"].get("p50")),
-             _f(s["latency_s"].get("p50")), escape(str(s["finish_reasons"]))] for a, s in arms.items()]
+             _f(s["latency_s"].get("p50")), fs.get(a, {}).get("events", 0), fs.get(a, {}).get("requests", 0),
+             escape(str(s["finish_reasons"]))] for a, s in arms.items()]
     table = _table(["arm", "requests", "prompt tokens", "completion tokens", "density p50", "latency p50 s",
-                    "finish reasons"], rows)
-    events = "".join(f"<h3>{escape(name)} ({len(rows)})</h3>" + _table(list(rows[0]), [[_f(v) for v in x.values()]
-                                                                                    for x in rows])
-                     for name, rows in t["events"].items() if rows) or \
-        "<p class=note>No fail-safe or rollback events in this log.</p>"
-    return table + _img(r, "traffic") + events + f"<p class=note>Source: {escape(t['source'])}; " \
-        f"{t['errors']} requests ended in an error.</p>"
+                    "fail-safe events", "requests with fail-safe", "finish reasons"], rows)
+    events = _table(["time (UTC)", "kind", "from", "to", "actor", "reason"],
+                    [[_time(e["created"]), escape(e["kind"]), _f(e["from_stage"]), _f(e["to_stage"]),
+                      escape(e["actor"]), escape(e["reason"])] for e in t["rollout_events"]]) \
+        if t["rollout_events"] else "<p class=note>No rollout stage changes or rollbacks in this log.</p>"
+    return table + _img(r, "traffic") + _img(r, "density_by_arm") + "<h3>Rollout events</h3>" + events + \
+        f"<p class=note>Source: {escape(t['source'])}; {t['errors']} requests ended in an error.</p>"
+
+
+def _time(unix: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S")

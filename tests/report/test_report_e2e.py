@@ -11,12 +11,15 @@ from PIL import Image
 from adaroute.cli import main
 
 SECTIONS = ("kpis", "curve", "cost", "groups", "imbalance", "explain", "traffic")
-FIGURES = ("curve", "speed", "cost", "groups", "usage", "token_density", "union", "explain", "traffic")
+FIGURES = ("curve", "speed", "cost", "groups", "usage", "token_density", "union", "explain", "traffic",
+           "density_by_arm")
 
 
 def write_audit(path):
-    """Rows through the server's own audit writer: two arms, two minutes apart."""
+    """Rows through the server's own audit writer: two arms, two minutes apart, fail-safe events on the
+    routed arm and a rollback."""
     from adaroute.serve.audit import AuditLog, AuditRow, layer_json, summary_json
+    from adaroute.serve.rollout import RolloutEvent
 
     log, now = AuditLog(path), time.time()
     for i in range(6):
@@ -26,7 +29,8 @@ def write_audit(path):
                            prompt_tokens=5, completion_tokens=8, ttft_s=0.01, latency_s=0.1,
                            finish_reason="length", mean_density=0.5 if arm == "routed" else 1.0,
                            layer_density=layer_json([0.5, 0.5]), units_per_token=summary_json({"mean": 64.0}),
-                           key_id=None))
+                           key_id=None, failsafe=4 if i == 1 else 0))
+    log.write_event(RolloutEvent(now + 90, "gates", "rollback", "canary", "dense", "agreement below 0.8"))
     log.close()
 
 
@@ -84,6 +88,10 @@ def test_traffic_from_the_audit_log(report):
     assert t["summary"]["requests"] == 6
     assert t["per_arm_over_time"]["dense"]["minute"] == [0, 1]
     assert t["density_by_arm"]["routed"] == [0.5] * 3
+    assert t["failsafe_by_arm"]["routed"] == {"events": 4, "requests": 1}
+    assert t["per_arm_over_time"]["routed"]["failsafe"] == [4, 0]
+    [event] = t["rollout_events"]
+    assert (event["kind"], event["from_stage"], event["to_stage"]) == ("rollback", "canary", "dense")
 
 
 def test_figures_are_valid_pngs_and_the_page_uses_only_local_files(report):
