@@ -161,11 +161,14 @@ def hf_eager_engine(model: nn.Module, bytes_per_step: Callable[[], int | None] |
     return BenchEngine("transformers-eager", generate, weights, bytes_per_step or (lambda: weights))
 
 
-def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None, name: str | None = None) -> BenchEngine:
+def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = None, name: str | None = None,
+                   weights=None) -> BenchEngine:
+    """The runtime on ``model``'s weights, or on ``weights`` (a ``ModelWeights``, e.g. a GGUF's blocks)."""
     from adaroute.runtime import Engine, ExecutionPolicy, UnitCounter, generate
+    from adaroute.runtime.weights import from_model
 
     policy = ExecutionPolicy() if routed else ExecutionPolicy.always_dense()
-    engine = Engine.from_model(model, kernel=kernel, policy=policy)
+    engine = Engine(weights or from_model(model), kernel=kernel, policy=policy)
     counter = UnitCounter()
     if routed:
         engine.counter = counter
@@ -192,8 +195,12 @@ def runtime_engine(model: nn.Module, routed: bool, kernel: str | None = None, na
 
 
 def _layer_tensors(layer, router: bool = True) -> list[torch.Tensor]:
-    skip = {"module"} if router else {"module", "shadow_q", "shadow_scale", "unit_bias"}
-    ffn = [getattr(layer.ffn, name) for name in layer.ffn.__dataclass_fields__ if name not in skip]
+    skip = {"module"} if router else {"module", "shadow_q", "shadow_scale", "unit_bias", "adapter"}
+    ffn = []
+    for name in layer.ffn.__dataclass_fields__:
+        value = None if name in skip else getattr(layer.ffn, name)
+        if value is not None:  # an adapter is a tuple of tensors; a layer without one holds None
+            ffn += list(value) if isinstance(value, tuple) else [value]
     return [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.mlp_norm, *ffn]
 
 
@@ -220,6 +227,18 @@ def llama_cpp_engine(gguf_path: str, threads: int, max_len: int) -> BenchEngine 
 
     size = os.path.getsize(gguf_path)
     return BenchEngine("llama.cpp", generate, size, lambda: size)
+
+
+def blocks_engine(gguf_path: str, max_len: int, kernel: str | None = None) -> BenchEngine | None:
+    """The runtime on the GGUF file's own quantised blocks (None for a float file: adaroute-dense is it)."""
+    from adaroute.runtime.quant_step import is_quantised
+    from adaroute.runtime.quant_weights import from_gguf, weight_format
+
+    weights = from_gguf(gguf_path, max_len)
+    if not is_quantised(weights):
+        return None
+    return runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute {weight_format(weights)}",
+                          weights=weights)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -328,6 +347,9 @@ def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int |
     if any(is_routed_mlp(m) for m in model.modules()):
         engines.append(runtime_engine(model, routed=True, kernel=kernel))
     if gguf_path:
+        blocks = blocks_engine(gguf_path, max_len, kernel)
+        if blocks is not None:
+            engines.append(blocks)
         cpp = llama_cpp_engine(gguf_path, threads or torch.get_num_threads(), max_len)
         if cpp is not None:
             engines.append(cpp)

@@ -26,6 +26,8 @@ class GGUFHeader:
     tensors: int
     data_end: int  # bytes the file must have to hold every tensor
     size: int  # bytes it has
+    # (name, dims with ne0 first, GGML type, absolute byte offset) per tensor, in file order
+    tensor_infos: tuple[tuple[str, tuple[int, ...], int, int], ...] = ()
 
     @property
     def architecture(self) -> str | None:
@@ -87,15 +89,17 @@ class _Cursor:
             value = self.value(self.unpack("<I"))
             if value is not None:
                 fields[key] = value
-        data_end = 0
+        data_end, infos = 0, []
         for _ in range(n_tensors):
-            self.string()
+            name = self.string()
             dims = [self.unpack("<Q") for _ in range(self.unpack("<I"))]
             kind, offset = self.unpack("<I"), self.unpack("<Q")
             data_end = max(data_end, offset + _nbytes(gguf, kind, dims))
+            infos.append((name, tuple(dims), kind, offset))
         align = int(fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
         start = -(-self.pos // align) * align  # tensor data begins at the next aligned offset
-        return GGUFHeader(fields, n_tensors, start + data_end, len(self.buf))
+        infos = tuple((name, dims, kind, start + offset) for name, dims, kind, offset in infos)
+        return GGUFHeader(fields, n_tensors, start + data_end, len(self.buf), infos)
 
     def value(self, kind: int):
         if kind in _SCALARS:

@@ -4,10 +4,10 @@ Shape letters:
     H  hidden    F  FFN units    V  vocabulary    Q  query heads    K  key/value heads    D  head dim
 
 No float32 copy of a quantised matrix is ever made (a q4 model needs about the file's size in
-memory): each Q8_0/Q4_0/Q4_1 tensor becomes a ``QuantWeight`` over its bytes, F32/F16 tensors (the
-norms) become float32 tensors, and the embedding is looked up row by row from its blocks. The
-configuration, tokenizer and RoPE table come from transformers' reading of the same file's metadata,
-not from its weights.
+memory): each Q8_0/Q4_0/Q4_1 tensor becomes a ``QuantWeight`` over a copy of its bytes, float
+tensors (the norms) become float32 tensors, and the embedding is looked up row by row from its
+blocks. The configuration comes from the file's header; the RoPE table from the family's own
+transformers rotary module built from that configuration.
 
 llama.cpp's converter permutes the rows of q and k within each head (its RoPE pairs neighbouring
 elements, transformers' pairs halves); that is undone here by reordering whole rows of blocks,
@@ -32,24 +32,29 @@ _FLOAT = ("F32", "F16", "BF16")
 
 
 def from_gguf(path: str | Path, max_positions: int | None = None) -> ModelWeights:
-    """Weights of a Llama-family GGUF file for the runtime, quantised tensors kept as blocks."""
-    import gguf
-    from transformers import AutoConfig
+    """Weights of a Llama-family GGUF file for the runtime, quantised tensors kept as blocks.
+
+    Reads the header with adaroute's own walker (milliseconds; ``gguf.GGUFReader`` and
+    transformers' config reader parse every metadata array, seconds) and copies each tensor's bytes
+    out of a memory map, so the process holds the weights once, at the file's precision."""
+    from adaroute.models.gguf_header import read_gguf_header
 
     path = Path(path)
-    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if cfg.model_type not in ("llama", "mistral"):
-        raise AdarouteError(f"{path}: running quantised blocks supports Llama and Mistral GGUF files, not "
-                            f"{cfg.model_type!r}; convert the model to a directory first")
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    header = read_gguf_header(path)
+    arch = header.architecture
+    if arch != "llama":
+        raise AdarouteError(f"{path}: running a GGUF's own blocks supports Llama-architecture files (Llama, "
+                            f"Mistral, SmolLM), not {arch!r}; load it as a float model instead")
+    cfg = _config(header.fields, arch)
+    file = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {name: (dims, kind, offset) for name, dims, kind, offset in header.tensor_infos}
 
     def get(name: str, heads: int | None = None):
         if name not in tensors:
             raise AdarouteError(f"{path}: tensor {name} is missing; is this a complete Llama GGUF file?")
-        return _tensor(tensors[name], heads)
+        return _tensor(file, name, *tensors[name], heads)
 
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     layers = [LayerWeights(attn_norm=get(f"blk.{i}.attn_norm.weight"), wq=get(f"blk.{i}.attn_q.weight", n_heads),
                            wk=get(f"blk.{i}.attn_k.weight", n_kv), wv=get(f"blk.{i}.attn_v.weight"),
                            wo=get(f"blk.{i}.attn_output.weight"), qkv_bias=None, q_norm=None, k_norm=None,
@@ -59,23 +64,58 @@ def from_gguf(path: str | Path, max_positions: int | None = None) -> ModelWeight
               for i in range(cfg.num_hidden_layers)]
     embed = get("token_embd.weight")
     head = get("output.weight") if "output.weight" in tensors else embed  # tied: the embedding itself
-    cos, sin = _rope_table(_rotary_holder(cfg), max_positions or cfg.max_position_embeddings, head_dim)
+    cos, sin = _rope_table(_rotary_holder(cfg), max_positions or cfg.max_position_embeddings, cfg.head_dim)
     return ModelWeights(embed=embed, layers=layers, final_norm=get("output_norm.weight"), head=head, n_heads=n_heads,
-                        n_kv_heads=n_kv, head_dim=head_dim, eps=float(cfg.rms_norm_eps), rope_cos=cos, rope_sin=sin)
+                        n_kv_heads=n_kv, head_dim=cfg.head_dim, eps=float(cfg.rms_norm_eps), rope_cos=cos,
+                        rope_sin=sin)
 
 
-def _tensor(t, heads: int | None) -> torch.Tensor | QuantWeight:
-    """One GGUF tensor: float32 for float types, blocks for quantised ones; rows of q/k un-permuted."""
-    kind = t.tensor_type.name
-    data = np.asarray(t.data)  # [rows, row bytes] for blocks, [rows, cols] (or [cols]) for floats
+def _config(fields: dict, arch: str):
+    """A transformers LlamaConfig from the header's metadata (the keys transformers' GGUF reader maps)."""
+    from transformers import LlamaConfig
+
+    def key(name, default=None):
+        value = fields.get(f"{arch}.{name}", default)
+        if value is None:
+            raise AdarouteError(f"GGUF metadata {arch}.{name} is missing: re-export the file")
+        return value
+
+    scaling = fields.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise AdarouteError(f"RoPE scaling {scaling!r} is not supported for running a GGUF's own blocks")
+    heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    return LlamaConfig(hidden_size=hidden, intermediate_size=key("feed_forward_length"),
+                       num_hidden_layers=key("block_count"), num_attention_heads=heads,
+                       num_key_value_heads=key("attention.head_count_kv", heads),
+                       head_dim=key("rope.dimension_count", hidden // heads),
+                       max_position_embeddings=key("context_length"), rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+                       rope_parameters={"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))})
+
+
+def _tensor(file: np.ndarray, name: str, dims: tuple[int, ...], kind: int, offset: int,
+            heads: int | None) -> torch.Tensor | QuantWeight:
+    """One tensor copied out of the file: float32 for float types, blocks for quantised ones; rows
+    of q/k un-permuted. ``dims`` are GGUF's (ne0 = columns first)."""
+    import gguf
+
+    ggml = gguf.GGMLQuantizationType(kind)
+    block, type_size = gguf.GGML_QUANT_SIZES[ggml]
+    cols, rows = dims[0], int(np.prod(dims[1:], dtype=np.int64))
+    row_bytes = cols // block * type_size
+    data = file[offset:offset + rows * row_bytes].reshape(rows, row_bytes)  # [rows, row bytes]
     if heads is not None:
-        data = data[_unpermute(data.shape[0], heads)]
-    if kind in _FLOAT:
-        return torch.from_numpy(np.array(data, dtype=np.float32))
-    if kind not in _QUANT:
-        raise AdarouteError(f"tensor {t.name} is {kind}; the runtime reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1 "
-                            "(re-export the GGUF with one of those)")
-    return QuantWeight(torch.from_numpy(np.array(data)), _QUANT[kind], int(t.shape[0]))
+        data = data[_unpermute(rows, heads)]
+    if ggml.name in _FLOAT:
+        values = np.ascontiguousarray(data).view({"F32": np.float32, "F16": np.float16}.get(ggml.name, np.uint16))
+        if ggml.name == "BF16":  # bfloat16 bits are float32's upper half
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        out = torch.from_numpy(values.astype(np.float32))
+        return out.reshape(cols) if len(dims) == 1 else out
+    if ggml.name not in _QUANT:
+        raise AdarouteError(f"tensor {name} is {ggml.name}; the runtime reads F32, F16, BF16, Q8_0, Q4_0 and "
+                            "Q4_1 (re-export the GGUF with one of those)")
+    return QuantWeight(torch.from_numpy(np.array(data)), _QUANT[ggml.name], cols)
 
 
 def _unpermute(rows: int, heads: int) -> np.ndarray:
@@ -89,3 +129,11 @@ def _rotary_holder(cfg) -> SimpleNamespace:
     module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
     rotary = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
     return SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary(cfg)))
+
+
+def weight_format(w: ModelWeights) -> str:
+    """The format of the FFN and attention matrices ("f32", "q4_1", ...; "mixed" when they differ).
+    The embedding and head are left out: GGUF files often keep them at higher precision."""
+    fmts = {getattr(m, "fmt", "f32") for ly in w.layers
+            for m in (ly.wq, ly.wk, ly.wv, ly.wo, ly.ffn.w_gate, ly.ffn.w_up, ly.ffn.w_down)}
+    return fmts.pop() if len(fmts) == 1 else "mixed"
