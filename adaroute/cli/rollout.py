@@ -145,8 +145,11 @@ def attach(args, service) -> tuple:
     from adaroute.serve.rollout import Rollout  # noqa: PLC0415
     from adaroute.serve.rollout_service import StagedRollout, calibration_of, default_gates  # noqa: PLC0415
 
+    if "routed" not in service.model.arms:
+        raise AdarouteError(f"--stage: a rollout needs a routed model; {args.model} serves only the dense arm")
     source = resolve(args.model)
     calibration = calibration_of(source.directory if is_routed(source) else None)
+    _log_alerts()
     gates: GateConfig = default_gates(service, calibration)
     if args.gates:
         try:
@@ -164,6 +167,19 @@ def attach(args, service) -> tuple:
     if args.faults:  # the shadow re-scores the routed arm as served, faults included
         staged.shadow.rescorer.routed.failsafe.faults = FaultInjector.parse(args.faults, args.rollout_seed + 1)
     return (admin_router(staged, args.admin_key),) if args.admin_key else ()
+
+
+def _log_alerts() -> None:
+    """Rollbacks and fail-safe warnings as timestamped WARNING lines on stderr (uvicorn configures only its own)."""
+    import logging  # noqa: PLC0415
+
+    for name in ("adaroute.serve", "adaroute.runtime"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.WARNING)
 
 
 def _what_if(args, service) -> None:

@@ -61,10 +61,21 @@ def test_healthy_canary_is_shared_sticky_and_never_rolled_back(canary):
     status = _admin(canary).json()
     assert status["stage"] == "canary" and status["shadow"]["samples"] > 0
     assert status["arms"]["routed"]["requests"] > 0 and status["arms"]["dense"]["requests"] > 0
-    assert [e["kind"] for e in _events(canary.audit)] == ["start"]
+    assert [e["kind"] for e in _events(canary.audit)] == ["start"]  # no rollback
     rows = wait_rows(canary.audit, "stage = 'canary'", 220)
     assert len(rows) == 220 and {r["arm"] for r in rows} == {"dense", "routed"}
     assert any(r["shadow_agreement"] is not None for r in wait_rows(canary.audit, "shadow_agreement IS NOT NULL"))
+
+
+def test_healthy_shadow_stage_passes_200_requests(canary):
+    assert _admin(canary, "POST", json={"stage": "shadow", "reason": "shadow run"}).json()["stage"] == "shadow"
+    client = canary.client()
+    arms = {_ask(client, f"s-{i}", content=f"question {i}").model_extra["adaroute"]["arm"] for i in range(200)}
+    status = _admin(canary).json()
+    assert arms == {"dense"} and status["stage"] == "shadow"
+    assert status["window"]["agreement"]["n"] >= status["gates"]["min_samples"]
+    assert not status["window"]["agreement"]["breached"]
+    assert _admin(canary, "POST", json={"stage": "canary"}).json()["stage"] == "canary"
 
 
 def test_a_request_may_not_pick_its_arm_under_a_rollout(canary):
