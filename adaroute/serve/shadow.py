@@ -108,8 +108,9 @@ class ShadowQueue:
     def depth(self) -> int:
         return self._jobs.qsize()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stops after the running job; jobs still waiting are dropped."""
+    def close(self) -> None:
+        """Stops after the running job (one re-scoring: seconds at most); jobs still waiting are dropped.
+        The join has no timeout: a process that exits while this thread is inside a kernel aborts."""
         while True:
             try:
                 self._jobs.get_nowait()
@@ -117,7 +118,7 @@ class ShadowQueue:
             except queue.Empty:
                 break
         self._jobs.put(None)
-        self._thread.join(timeout)
+        self._thread.join()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
