@@ -148,6 +148,8 @@ def dense_ffn(x, w_gate, w_up, w_down, residual=None) -> torch.Tensor:
 
 def unit_ffn(x, w_gate, w_up, w_down_t, mask=None, residual=None) -> torch.Tensor:
     """Dense SwiGLU FFN in the unit-contiguous layout (w_down_t [F, H])."""
+    if is_quant(w_gate):
+        return quant_cpu.unit_ffn(x, w_gate, w_up, w_down_t, mask, residual)
     if mask is not None or not _routable(x, w_gate, w_up, w_down_t) or not _residual_ok(residual):
         return reference.unit_ffn(x, w_gate, w_up, w_down_t, mask, residual)
     empty_u8 = torch.empty(0, dtype=torch.uint8)
@@ -162,6 +164,9 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
                adapter: reference.Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused score -> select -> compute (with the routing adapter's low-rank terms for the selected
     units when given). Returns (y [T, H], counts [T] int64)."""
+    if is_quant(w_gate) and adapter is None:
+        return quant_cpu.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
+                                    min_units, max_units, residual)
     ok = _routable(x, w_gate, w_up, w_down_t, shadow_scale, unit_bias) and shadow_q.is_contiguous()
     ok = ok and _group_size(x, shadow_scale) % reference.GROUP == 0
     ok = ok and (adapter is None or all(t.dtype is _F32_DTYPE and t.is_contiguous() for t in adapter))

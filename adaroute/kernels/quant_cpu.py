@@ -16,7 +16,7 @@ import ctypes
 import torch
 
 from adaroute.kernels import quant_reference as qr
-from adaroute.kernels.quant_reference import QuantWeight
+from adaroute.kernels.quant_reference import BLOCK, QuantWeight
 
 FMT_CODES = {"f32": 0, "q8_0": 1, "q4_0": 2, "q4_1": 3}  # csrc/quant.cpp's Fmt
 SLICE = 64  # tokens per call: kMaxTokens on the C side
@@ -25,6 +25,8 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "ar_qlinear": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _I64, _I32, _I32],
     "ar_qgate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I32],
+    "ar_qrouted_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, ctypes.c_float, _I64, _I64,
+                       _I32, _P, _P, _I32, _I32],
 }
 
 
@@ -89,3 +91,54 @@ def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | N
         _lib().ar_qlinear(xs.data_ptr(), xs.shape[0], k, n, ptrs, counts, fmts, ys.data_ptr(), y.shape[1],
                           int(residual is not None), torch.get_num_threads())
     return y
+
+
+def _unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -> int | None:
+    """Bytes from one unit's rows to the next when all three share one row stride (unit-packed or
+    three contiguous tensors), else None."""
+    ws = (w_gate, w_up, w_down_t)
+    if len({w.fmt for w in ws}) != 1 or any(w.data.stride(1) != 1 for w in ws):
+        return None
+    strides = {w.data.stride(0) for w in ws}
+    return strides.pop() if len(strides) == 1 else None
+
+
+def unit_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight, mask=None, residual=None):
+    """Dense SwiGLU FFN in the unit layout (w_down_t [F, H] as blocks along H)."""
+    y, _ = _routed(x, w_gate, w_up, w_down_t, None, None, None, float("-inf"), 0, w_gate.shape[0], residual,
+                   all_units=True, mask=mask)
+    return y
+
+
+def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float, min_units: int,
+               max_units: int, residual=None):
+    """Score (int4 shadow, as ``reference.router_scores``) -> select -> the selected quantised units."""
+    return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
+                   residual, all_units=False)
+
+
+def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
+            residual, all_units: bool, mask=None):
+    from adaroute.kernels import reference  # noqa: PLC0415
+
+    ldw = _unit_stride(w_gate, w_up, w_down_t)
+    if mask is not None or ldw is None or not _ok(x) or x.shape[0] > SLICE or \
+            (residual is not None and not residual.is_contiguous()):
+        ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
+        if all_units:
+            return reference.unit_ffn(x, *ws, mask, residual), None
+        return reference.routed_ffn(x, *ws, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
+                                    residual)
+    t, h = x.shape
+    f = w_gate.shape[0]
+    y = residual if residual is not None else torch.empty(t, h)  # [T, H]
+    counts = torch.empty(t, dtype=torch.int64)  # [T]
+    group = h // shadow_scale.shape[1] if shadow_scale is not None else BLOCK
+    none = 0
+    _lib().ar_qrouted_ffn(x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(), ldw,
+                          FMT_CODES[w_gate.fmt], none if shadow_q is None else shadow_q.data_ptr(),
+                          none if shadow_scale is None else shadow_scale.data_ptr(), group,
+                          none if unit_bias is None else unit_bias.data_ptr(), float(threshold), int(min_units),
+                          int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(), int(residual is not None),
+                          torch.get_num_threads())
+    return y, counts

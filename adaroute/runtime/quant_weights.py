@@ -16,6 +16,7 @@ which changes no byte of any block.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,3 +138,34 @@ def weight_format(w: ModelWeights) -> str:
     fmts = {getattr(m, "fmt", "f32") for ly in w.layers
             for m in (ly.wq, ly.wk, ly.wv, ly.wo, ly.ffn.w_gate, ly.ffn.w_up, ly.ffn.w_down)}
     return fmts.pop() if len(fmts) == 1 else "mixed"
+
+
+def quantise(w: ModelWeights, fmt: str) -> ModelWeights:
+    """A pass over built weights: every float matrix (projections, FFN units, embedding and head)
+    quantised to ``fmt`` ("q8_0", "q4_0", "q4_1") with ggml's rounding; norms, RoPE tables and router
+    tensors stay as they are. A routed FFN's three unit matrices become views of one unit-packed
+    block store [F, 3, H/32 * J], so a selected unit is one contiguous read, as in float32."""
+    from adaroute.kernels.quant_reference import quantize
+
+    done: dict[int, QuantWeight] = {}  # by data_ptr: the tied head stays the embedding
+
+    def q(t):
+        if isinstance(t, QuantWeight):
+            return t
+        if t.data_ptr() not in done:
+            done[t.data_ptr()] = quantize(t, fmt)
+        return done[t.data_ptr()]
+
+    def ffn(f):
+        if isinstance(f, DenseFFN):
+            return DenseFFN(q(f.w_gate), q(f.w_up), q(f.w_down))
+        if getattr(f, "adapter", None) is not None:
+            raise ValueError("quantised routed FFNs do not run routing adapters yet; quantise the base model")
+        store = torch.stack([quantize(m.contiguous(), fmt).data for m in (f.w_gate, f.w_up, f.w_down_t)], dim=1)
+        h = f.w_gate.shape[1]
+        views = (QuantWeight(store[:, k], fmt, h) for k in range(3))  # [F, H/32*J] each, row stride 3x
+        return dataclasses.replace(f, **dict(zip(("w_gate", "w_up", "w_down_t"), views, strict=True)))
+
+    layers = [dataclasses.replace(ly, wq=q(ly.wq), wk=q(ly.wk), wv=q(ly.wv), wo=q(ly.wo), ffn=ffn(ly.ffn))
+              for ly in w.layers]
+    return dataclasses.replace(w, embed=q(w.embed), head=q(w.head), layers=layers)

@@ -60,3 +60,29 @@ def test_real_blocks_of_the_embedded_file():
                            int(t.shape[0]))
         x = torch.randn(3, w.cols, generator=g)
         close(quant_cpu.linear(x, w), qr.linear(x, w))
+
+
+@pytest.mark.parametrize("fmt", qr.FORMATS)
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("guards", [(0, 96), (40, 96), (0, 10)])
+def test_routed_units_match_reference(fmt, tokens, guards):
+    """Quantised unit-packed units, int4-shadow scores, threshold and min/max guards == the float
+    reference on the dequantised units."""
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
+
+    from adaroute.kernels import reference
+
+    t = routed_tensors(tokens)
+    store = torch.stack([qr.quantize(t[k], fmt).data for k in ("w_gate", "w_up", "w_down_t")], dim=1)
+    units = [qr.QuantWeight(store[:, k], fmt, 64) for k in range(3)]
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(9))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    threshold = gap_threshold(scores, 0.4)
+    router = (t["shadow_q"], t["shadow_scale"], t["unit_bias"], threshold, *guards)
+    y, counts = quant_cpu.routed_ffn(x, *units, *router)
+    y_ref, counts_ref = reference.routed_ffn(x, *(u.dequantize() for u in units), *router)
+    assert torch.equal(counts, counts_ref)
+    close(y, y_ref)
+    res = torch.randn(tokens, 64)
+    expect = reference.unit_ffn(x, *(u.dequantize() for u in units), residual=res.clone())
+    close(quant_cpu.unit_ffn(x, *units, residual=res), expect)

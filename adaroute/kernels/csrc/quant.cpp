@@ -198,6 +198,125 @@ void ar_qgate_up_silu(const float* x, int64_t t_count, int64_t k, const uint8_t*
 
 }  // extern "C"
 
+// ---- routed FFN over block-quantised units ------------------------------------------------------
+namespace {
+
+// y[t] += a[t] * dequantize(row) for every token with a[t] != 0 (a row of H/32 blocks).
+template <int64_t FMT>
+inline void qaxpy_row(const uint8_t* row, const float* a, int64_t t_count, float* y, int64_t h) {
+  constexpr int64_t J = FMT == kQ8_0 ? 34 : FMT == kQ4_0 ? 18 : 20;
+  const int64_t nb = h / kBlock;
+#ifdef __AVX512F__
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 w0, w1;
+    expand_block<FMT>(row + b * J, w0, w1);
+    for (int64_t t = 0; t < t_count; ++t) {
+      if (a[t] == 0.0f) continue;
+      float* yb = y + t * h + b * kBlock;
+      const __m512 av = _mm512_set1_ps(a[t]);
+      _mm512_storeu_ps(yb, _mm512_fmadd_ps(av, w0, _mm512_loadu_ps(yb)));
+      _mm512_storeu_ps(yb + 16, _mm512_fmadd_ps(av, w1, _mm512_loadu_ps(yb + 16)));
+    }
+  }
+#else
+  float w[kBlock];
+  for (int64_t b = 0; b < nb; ++b) {
+    expand_block<FMT>(row + b * J, w);
+    for (int64_t t = 0; t < t_count; ++t) {
+      if (a[t] == 0.0f) continue;
+      float* yb = y + t * h + b * kBlock;
+      for (int j = 0; j < kBlock; ++j) yb[j] += a[t] * w[j];
+    }
+  }
+#endif
+}
+
+inline void qaxpy(const uint8_t* row, int64_t fmt, const float* a, int64_t t_count, float* y, int64_t h) {
+  switch (fmt) {
+    case kQ8_0: qaxpy_row<kQ8_0>(row, a, t_count, y, h); break;
+    case kQ4_0: qaxpy_row<kQ4_0>(row, a, t_count, y, h); break;
+    default: qaxpy_row<kQ4_1>(row, a, t_count, y, h); break;
+  }
+}
+
+// The selection policy of reference.select_units for one token (threshold, then the min / max
+// guards); marks sel[i] = 1 for the chosen units, returns their number. (routed_ffn.cpp has the same
+// policy for float units inside its pipelined pass, which this kernel does not share.)
+int64_t select_units(const float* score, int64_t f, float threshold, int64_t min_units, int64_t max_units,
+                     uint8_t* sel) {
+  std::vector<int> idx;
+  auto keep_top = [&](int64_t k) {
+    std::nth_element(idx.begin(), idx.begin() + k, idx.end(),
+                     [score](int a, int b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+    idx.resize(k);
+  };
+  for (int64_t i = 0; i < f; ++i)
+    if (score[i] >= threshold) idx.push_back(static_cast<int>(i));
+  if (static_cast<int64_t>(idx.size()) < min_units) {
+    idx.resize(f);
+    for (int64_t i = 0; i < f; ++i) idx[i] = static_cast<int>(i);
+    keep_top(std::min(min_units, f));
+  }
+  if (static_cast<int64_t>(idx.size()) > max_units) keep_top(std::max<int64_t>(max_units, 0));
+  std::memset(sel, 0, f);
+  for (int i : idx) sel[i] = 1;
+  return static_cast<int64_t>(idx.size());
+}
+
+}  // namespace
+
+extern "C" {
+
+void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* shadow_q,
+                      const float* shadow_scale, int64_t group_size, const float* unit_bias, float* out,
+                      int nthreads);
+
+// Routed SwiGLU FFN with block-quantised units: unit i's gate row, up row and down column (row of
+// w_down_t) are rows of H/32 blocks each, ldw bytes from one unit to the next (3 rows side by side
+// when unit-packed: one contiguous read per unit). Scores come from the int4 shadow exactly as in
+// ar_routed_ffn; all_units != 0 computes every unit (the dense pass in this layout). Each thread adds
+// its units into a private [T, H] sum, summed into y at the end. counts [T]: units per token.
+void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
+                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, const uint8_t* shadow_q, const float* shadow_scale,
+                    int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
+                    int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
+  std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
+  if (!all_units) {
+    std::vector<float> score(t_count * f);
+    ar_router_scores(x, t_count, h, f, shadow_q, shadow_scale, group_size, unit_bias, score.data(), nthreads);
+    for (int64_t t = 0; t < t_count; ++t)
+      counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
+  } else {
+    for (int64_t t = 0; t < t_count; ++t) counts[t] = f;
+  }
+  std::vector<int> units;  // selected by any token, ascending: memory is walked forwards
+  for (int64_t i = 0; i < f; ++i)
+    for (int64_t t = 0; t < t_count; ++t)
+      if (sel[t * f + i]) {
+        units.push_back(static_cast<int>(i));
+        break;
+      }
+  if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
+  const int64_t n = static_cast<int64_t>(units.size());
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> part(t_count * h, 0.0f);
+#pragma omp for schedule(dynamic, kChunk) nowait
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = units[j];
+      float g[kMaxTokens], u[kMaxTokens], a[kMaxTokens];
+      qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
+      qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
+      for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? silu(g[t]) * u[t] : 0.0f;
+      qaxpy(wd_t + i * ldw, fmt, a, t_count, part.data(), h);
+    }
+#pragma omp critical
+    for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
+  }
+}
+
+}  // extern "C"
+
 // ---- every decoder layer of a decode step in one call, block-quantised projections ---------------
 // The sequence of ar_decode_layers (decode_step.cpp) for dense FFNs, with each product an ar_qlinear.
 // ArQStep has ArStep's layout (one ctypes structure, adaroute/runtime/fused_cpu.py, describes both).
