@@ -122,8 +122,7 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     from adaroute.kernels import reference  # noqa: PLC0415
 
     ldw = _unit_stride(w_gate, w_up, w_down_t)
-    if mask is not None or ldw is None or not _ok(x) or x.shape[0] > SLICE or \
-            (residual is not None and not residual.is_contiguous()):
+    if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()):
         ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
         if all_units:
             return reference.unit_ffn(x, *ws, mask, residual), None
@@ -134,11 +133,11 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     y = residual if residual is not None else torch.empty(t, h)  # [T, H]
     counts = torch.empty(t, dtype=torch.int64)  # [T]
     group = h // shadow_scale.shape[1] if shadow_scale is not None else BLOCK
-    none = 0
-    _lib().ar_qrouted_ffn(x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(), ldw,
-                          FMT_CODES[w_gate.fmt], none if shadow_q is None else shadow_q.data_ptr(),
-                          none if shadow_scale is None else shadow_scale.data_ptr(), group,
-                          none if unit_bias is None else unit_bias.data_ptr(), float(threshold), int(min_units),
-                          int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(), int(residual is not None),
-                          torch.get_num_threads())
+    router = [0 if r is None else r.data_ptr() for r in (shadow_q, shadow_scale, unit_bias)]
+    for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
+        xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
+        _lib().ar_qrouted_ffn(xs.data_ptr(), xs.shape[0], h, f, w_gate.data_ptr(), w_up.data_ptr(),
+                              w_down_t.data_ptr(), ldw, FMT_CODES[w_gate.fmt], router[0], router[1], group, router[2],
+                              float(threshold), int(min_units), int(max_units), int(all_units), ys.data_ptr(),
+                              cs.data_ptr(), int(residual is not None), torch.get_num_threads())
     return y, counts

@@ -63,7 +63,7 @@ def test_real_blocks_of_the_embedded_file():
 
 
 @pytest.mark.parametrize("fmt", qr.FORMATS)
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
 @pytest.mark.parametrize("guards", [(0, 96), (40, 96), (0, 10)])
 def test_routed_units_match_reference(fmt, tokens, guards):
     """Quantised unit-packed units, int4-shadow scores, threshold and min/max guards == the float
