@@ -1,0 +1,96 @@
+"""A routed model at each weight format: quality and decode speed, dense and routed, per density.
+
+    python benchmarks/quant_routed.py DIR [--formats f32,q8_0,q4_1] [--densities 0.5,0.35]
+        [--ppl-tokens 4096] [--threads 1] [--repeats 3] [--new-tokens 64] [--json OUT]
+
+DIR is a routed model directory (``adaroute convert``). Each format's weights come from the same
+float32 model through ``quant_weights.quantise`` (ggml's rounding; the router stays the int4
+shadow). Perplexity on ``builtin:heldout`` (512-token windows) is computed by the runtime itself:
+dense with every FFN unit, routed with every token of every window sparse (the routed model's
+semantics), so each ratio is to float32 dense on the same windows. Speed: ``run_engines``
+(interleaved rounds, batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+
+from adaroute import load_model
+from adaroute.data import load_text
+from adaroute.eval.bench import bench_prompts, run_engines, runtime_engine
+from adaroute.eval.perplexity import tokenize, window_nll, windows
+from adaroute.routing.profile import apply_density
+from adaroute.runtime import Engine, ExecutionPolicy
+from adaroute.runtime.quant_weights import quantise
+from adaroute.runtime.weights import from_model
+
+
+def ppl(weights, policy, wins) -> float:
+    engine, nll, scored = Engine(weights, policy=policy), 0.0, 0
+    for w in wins:
+        nll += window_nll(engine.forward(w, engine.new_cache(1, w.shape[1]), all_logits=True), w).item()
+        scored += w.shape[1] - 1
+    return math.exp(nll / scored)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--formats", default="f32,q8_0,q4_1")
+    p.add_argument("--densities", default="0.5,0.35")
+    p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    mods = [m for m in model.modules() if hasattr(m, "w_down_t")]
+    base = from_model(model, 1024)
+    weights = {f: base if f == "f32" else quantise(base, f) for f in args.formats.split(",")}
+    wins = windows(tokenize(tokenizer, load_text("builtin:heldout").text, args.ppl_tokens), 512)
+    dense = {f: ppl(w, ExecutionPolicy.always_dense(), wins) for f, w in weights.items()} if wins else {}
+    rows = []
+    for density in map(float, args.densities.split(",")):
+        apply_density(mods, density)
+        engines = []
+        for f, w in weights.items():
+            engines += [runtime_engine(None, routed=False, name=f"{f} dense", weights=w),
+                        runtime_engine(None, routed=True, name=f"{f} routed", weights=w)]
+        records = {r.engine: r for r in run_engines(engines, bench_prompts(tokenizer, 1, 64), args.new_tokens,
+                                                    args.repeats)}
+        for f, w in weights.items():
+            routed_ppl = ppl(w, ExecutionPolicy.always_sparse(), wins) if wins else None
+            for kind, value in (("dense", dense.get(f)), ("routed", routed_ppl)):
+                r = records[f"{f} {kind}"]
+                rows.append({"format": f, "engine": kind, "density": density if kind == "routed" else 1.0,
+                             "realised_density": r.density, "tokens_per_s": r.decode_tokens_per_s,
+                             "mb_per_token": r.weight_mb_per_step, "perplexity": value,
+                             "ppl_ratio": value / dense["f32"] if value and "f32" in dense else None,
+                             "vs_f32_dense": r.decode_tokens_per_s / records["f32 dense"].decode_tokens_per_s
+                             if "f32 dense" in records else None})
+    print(f"threads {args.threads}, batch 1, {args.new_tokens} new tokens, {args.repeats} interleaved rounds, "
+          f"load average {os.getloadavg()[0]:.1f}; perplexity: builtin:heldout, {args.ppl_tokens} tokens")
+    print(f"{'format':<7}{'engine':<8}{'density':>8}{'tok/s':>8}{'MB/token':>10}{'vs f32 dense':>14}{'ppl':>9}"
+          f"{'ratio':>8}")
+    for r in rows:
+        print(f"{r['format']:<7}{r['engine']:<8}{_f(r['realised_density'] or r['density'], '.2f'):>8}"
+              f"{r['tokens_per_s']:>8.1f}{_f(r['mb_per_token'], '.0f'):>10}{_f(r['vs_f32_dense'], '.2f', 'x'):>14}"
+              f"{_f(r['perplexity'], '.3f'):>9}{_f(r['ppl_ratio'], '.3f'):>8}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "load": os.getloadavg(), "rows": rows}, f, indent=2)
+
+
+def _f(v, spec, suffix=""):
+    return "-" if v is None else format(v, spec) + suffix
+
+
+if __name__ == "__main__":
+    main()
