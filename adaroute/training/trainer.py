@@ -107,17 +107,17 @@ def finish_routers(model, tokenizer, texts, mods, routing: RoutingConfig, train:
         with clock("ranking_fit"):
             _fit_all(mods, inputs, densities, train, prep.held)
         energy["trained"] = _dropped(mods, inputs, prep.held, densities)
-    calibrate(mods, inputs, densities, costs, routing)
+    stats = calibrate(mods, inputs, densities, costs, routing)
     distill_loss: list[float] = []
     if train.distill_steps:
         with clock("distill"):
             distill_loss = _distill(model, tokenizer, texts, mods, inputs, densities, train, checkpoint)
-            calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
+            stats = calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
     return TrainReport(
         layer_density=densities,
         sensitivity=costs.tolist(),
         grid=list(DEFAULT_GRID),
-        calib_stats=summarise_stats(stats_on_inputs(mods, inputs)),
+        calib_stats=summarise_stats(stats),
         dropped_energy=energy,
         distill_loss=distill_loss,
         seconds=dict(clock.seconds),
@@ -202,12 +202,14 @@ def _distill(model, tokenizer, texts, mods, inputs, densities, train: TrainConfi
 
 
 def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list[float], costs: torch.Tensor,
-              routing: RoutingConfig, max_tokens: int = 8192) -> None:
+              routing: RoutingConfig, max_tokens: int = 8192) -> RoutingStats:
     """Set each layer's policy to hit its density on the captured inputs, and store its profile.
+    Returns the selection statistics of the calibrated policies on the same sample.
 
     Thresholds come from an even sample of at most ``max_tokens`` tokens: 8192 tokens x F units
     pin a quantile to well under 0.1 % density, and scoring more costs minutes on a CPU.
     """
+    stats = RoutingStats()
     grid = list(PROFILE_GRID)
     layers = list(zip(mods, inputs, densities, costs.tolist(), strict=True))
     for m, x, d, cost in tqdm(layers, desc="calibrate", unit="layer", leave=False):
@@ -222,16 +224,10 @@ def calibrate(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list
             m.set_policy(LayerPolicy.topk(max(1, round(d * m.units))))
         else:
             m.set_policy(LayerPolicy(thresholds[-1], lo, hi))
+        mask = m.select(scores)  # [<= max_tokens, F]
+        stats.record(m.layer_idx, None, mask)
         if d < 1.0:
-            m.profile.units_band = units_band(m.select(scores).sum(-1), m.units)
-
-
-def stats_on_inputs(mods: list[RoutedMLP], inputs: list[torch.Tensor], max_tokens: int = 8192) -> RoutingStats:
-    """Selection statistics of the calibrated policy on (an even sample of) the captured inputs."""
-    stats = RoutingStats()
-    with torch.no_grad():
-        for m, x in tqdm(list(zip(mods, inputs, strict=True)), desc="statistics", unit="layer", leave=False):
-            stats.record(m.layer_idx, None, m.select(m.router.score(_even_sample(x, max_tokens))))
+            m.profile.units_band = units_band(mask.sum(-1), m.units)
     return stats
 
 
