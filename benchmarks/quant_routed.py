@@ -53,12 +53,14 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     mods = [m for m in model.modules() if hasattr(m, "w_down_t")]
     base = from_model(model, 1024)
-    weights = {f: base if f == "f32" else quantise(base, f) for f in args.formats.split(",")}
+    formats = args.formats.split(",")
     wins = windows(tokenize(tokenizer, load_text("builtin:heldout").text, args.ppl_tokens), 512)
-    dense = {f: ppl(w, ExecutionPolicy.always_dense(), wins) for f, w in weights.items()} if wins else {}
-    rows = []
+    rows, dense = [], {}
     for density in map(float, args.densities.split(",")):
-        apply_density(mods, density)
+        apply_density(mods, density)  # before quantising: the router per format is chosen at this density
+        weights = {f: base if f == "f32" else quantise(base, f) for f in formats}
+        if wins and not dense:
+            dense = {f: ppl(w, ExecutionPolicy.always_dense(), wins) for f, w in weights.items()}
         engines = []
         for f, w in weights.items():
             engines += [runtime_engine(None, routed=False, name=f"{f} dense", weights=w),
@@ -69,7 +71,8 @@ def main() -> None:
             routed_ppl = ppl(w, ExecutionPolicy.always_sparse(), wins) if wins else None
             for kind, value in (("dense", dense.get(f)), ("routed", routed_ppl)):
                 r = records[f"{f} {kind}"]
-                rows.append({"format": f, "engine": kind, "density": density if kind == "routed" else 1.0,
+                router = "exact" if w.layers[0].ffn.shadow_q.numel() == 0 else "shadow"
+                rows.append({"format": f, "engine": kind if kind == "dense" else f"routed ({router})", "density": density if kind == "routed" else 1.0,
                              "realised_density": r.density, "tokens_per_s": r.decode_tokens_per_s,
                              "mb_per_token": r.weight_mb_per_step, "perplexity": value,
                              "ppl_ratio": value / dense["f32"] if value and "f32" in dense else None,
@@ -77,10 +80,10 @@ def main() -> None:
                              if "f32 dense" in records else None})
     print(f"threads {args.threads}, batch 1, {args.new_tokens} new tokens, {args.repeats} interleaved rounds, "
           f"load average {os.getloadavg()[0]:.1f}; perplexity: builtin:heldout, {args.ppl_tokens} tokens")
-    print(f"{'format':<7}{'engine':<8}{'density':>8}{'tok/s':>8}{'MB/token':>10}{'vs f32 dense':>14}{'ppl':>9}"
+    print(f"{'format':<7}{'engine':<17}{'density':>8}{'tok/s':>8}{'MB/token':>10}{'vs f32 dense':>14}{'ppl':>9}"
           f"{'ratio':>8}")
     for r in rows:
-        print(f"{r['format']:<7}{r['engine']:<8}{_f(r['realised_density'] or r['density'], '.2f'):>8}"
+        print(f"{r['format']:<7}{r['engine']:<17}{_f(r['realised_density'] or r['density'], '.2f'):>8}"
               f"{r['tokens_per_s']:>8.1f}{_f(r['mb_per_token'], '.0f'):>10}{_f(r['vs_f32_dense'], '.2f', 'x'):>14}"
               f"{_f(r['perplexity'], '.3f'):>9}{_f(r['ppl_ratio'], '.3f'):>8}")
     if args.json:

@@ -112,7 +112,9 @@ def unit_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight, m
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float, min_units: int,
                max_units: int, residual=None):
-    """Score (int4 shadow, as ``reference.router_scores``) -> select -> the selected quantised units."""
+    """Score -> select -> the selected quantised units. Scores from the int4 shadow (as
+    ``reference.router_scores``) or, when ``shadow_q`` is empty, from exact gate and up
+    (``quant_reference.exact_scores``: every gate/up row is read, then only the selected down rows)."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
                    residual, all_units=False)
 
@@ -122,18 +124,22 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     from adaroute.kernels import reference  # noqa: PLC0415
 
     ldw = _unit_stride(w_gate, w_up, w_down_t)
+    exact = not all_units and shadow_q.numel() == 0
     if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()):
         ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
         if all_units:
             return reference.unit_ffn(x, *ws, mask, residual), None
+        if exact:
+            mask = reference.select_units(qr.exact_scores(x, *ws[:2], unit_bias), threshold, min_units, max_units)
+            return reference.unit_ffn(x, *ws, mask, residual), mask.sum(-1)
         return reference.routed_ffn(x, *ws, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
                                     residual)
     t, h = x.shape
     f = w_gate.shape[0]
     y = residual if residual is not None else torch.empty(t, h)  # [T, H]
     counts = torch.empty(t, dtype=torch.int64)  # [T]
-    group = h // shadow_scale.shape[1] if shadow_scale is not None else BLOCK
-    router = [0 if r is None else r.data_ptr() for r in (shadow_q, shadow_scale, unit_bias)]
+    group = h // shadow_scale.shape[1] if shadow_scale is not None and shadow_scale.shape[1] else BLOCK
+    router = [0 if r is None or r.numel() == 0 else r.data_ptr() for r in (shadow_q, shadow_scale, unit_bias)]
     for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
         xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
         _lib().ar_qrouted_ffn(xs.data_ptr(), xs.shape[0], h, f, w_gate.data_ptr(), w_up.data_ptr(),

@@ -121,3 +121,11 @@ def linear(x: torch.Tensor, w: QuantWeight, residual: torch.Tensor | None = None
     y = torch.cat([x @ dequantize(w.data[r0:r0 + _ROW_CHUNK], w.fmt).T
                    for r0 in range(0, w.data.shape[0], _ROW_CHUNK)], dim=1)  # [T, M]
     return y if residual is None else residual.add_(y)
+
+
+def exact_scores(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, unit_bias: torch.Tensor) -> torch.Tensor:
+    """The router score of ``reference.router_scores`` computed on exact gate and up instead of their
+    int4 shadow: log(|silu(x W_g^T) * (x W_u^T)| + 1e-20) + unit_bias, [T, F]. The router for formats
+    whose shadow would cost as much as gate and up themselves (float weights [F, H])."""
+    a = torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)
+    return torch.log(a.abs() + 1e-20) + unit_bias

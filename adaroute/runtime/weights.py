@@ -60,6 +60,8 @@ class RoutedFFN:
             return sum(t.numel() * t.element_size() for t in ts)
 
         per_token = nbytes(self.shadow_q, self.shadow_scale, self.unit_bias)
+        if self.shadow_q.numel() == 0:  # no shadow: the exact router reads every gate and up row
+            per_token += nbytes(self.w_gate, self.w_up)
         if self.adapter is not None:
             per_token += nbytes(self.adapter.w_in, self.adapter.w_out)
         return per_token / nbytes(self.w_gate, self.w_up, self.w_down_t)
@@ -210,7 +212,10 @@ def weight_bytes(w: ModelWeights, density: float | None = None) -> dict[str, int
     ffn = router = adapter = 0
     for ly in w.layers:
         f = ly.ffn
-        if isinstance(f, RoutedFFN) and density is not None:
+        if isinstance(f, RoutedFFN) and density is not None and f.shadow_q.numel() == 0:
+            router += nbytes(f.w_gate, f.w_up, f.unit_bias)  # exact router: gate/up of every unit score it
+            ffn += int(density * nbytes(f.w_down_t))
+        elif isinstance(f, RoutedFFN) and density is not None:
             ffn += int(density * nbytes(f.w_gate, f.w_up, f.w_down_t))
             router += nbytes(f.shadow_q, f.shadow_scale, f.unit_bias)
             if f.adapter is not None:  # both projections per token, the selected units' 3r values

@@ -86,3 +86,24 @@ def test_routed_units_match_reference(fmt, tokens, guards):
     res = torch.randn(tokens, 64)
     expect = reference.unit_ffn(x, *(u.dequantize() for u in units), residual=res.clone())
     close(quant_cpu.unit_ffn(x, *units, residual=res), expect)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_exact_router_matches_reference(fmt, tokens):
+    """No shadow: scores from exact gate/up, the selection policy, only the selected down rows."""
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
+
+    from adaroute.kernels import reference
+
+    t = routed_tensors(tokens + 10)
+    units = [qr.quantize(t[k], fmt) for k in ("w_gate", "w_up", "w_down_t")]
+    floats = [u.dequantize() for u in units]
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(5))
+    scores = qr.exact_scores(x, *floats[:2], t["unit_bias"])
+    threshold = gap_threshold(scores, 0.5)
+    empty = t["shadow_q"][:0], t["shadow_scale"][:0]
+    y, counts = quant_cpu.routed_ffn(x, *units, *empty, t["unit_bias"], threshold, 4, 90)
+    mask = reference.select_units(scores, threshold, 4, 90)
+    assert torch.equal(counts, mask.sum(-1))
+    close(y, reference.unit_ffn(x, *floats, mask))

@@ -263,6 +263,52 @@ int64_t select_units(const float* score, int64_t f, float threshold, int64_t min
   return static_cast<int64_t>(idx.size());
 }
 
+// The router for formats where an int4 shadow of gate/up costs about as much as gate/up themselves
+// (q4; q8 at moderate density): gate and up are computed exactly for every unit, scored as the
+// shadow's score is defined but on the exact values, log(|silu(g) u| + 1e-20) + bias, selected by
+// the same policy, and only the selected units' down rows are read.
+void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
+                   const uint8_t* wd_t, int64_t ldw, int64_t fmt, const float* unit_bias, float threshold,
+                   int64_t min_units, int64_t max_units, float* y, int64_t* counts, int accumulate, int nthreads) {
+  std::vector<float> act(t_count * f), score(t_count * f);  // [T, F]: silu(g) u, and its score
+#pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
+  for (int64_t i = 0; i < f; ++i) {
+    float g[kMaxTokens], u[kMaxTokens];
+    qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
+    qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
+    for (int64_t t = 0; t < t_count; ++t) {
+      const float a = silu(g[t]) * u[t];
+      act[t * f + i] = a;
+      score[t * f + i] = std::log(std::fabs(a) + 1e-20f) + unit_bias[i];
+    }
+  }
+  std::vector<uint8_t> sel(t_count * f);
+  for (int64_t t = 0; t < t_count; ++t)
+    counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
+  std::vector<int> units;
+  for (int64_t i = 0; i < f; ++i)
+    for (int64_t t = 0; t < t_count; ++t)
+      if (sel[t * f + i]) {
+        units.push_back(static_cast<int>(i));
+        break;
+      }
+  if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
+  const int64_t n = static_cast<int64_t>(units.size());
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> part(t_count * h, 0.0f);
+#pragma omp for schedule(dynamic, kChunk) nowait
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = units[j];
+      float a[kMaxTokens];
+      for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
+      qaxpy(wd_t + i * ldw, fmt, a, t_count, part.data(), h);
+    }
+#pragma omp critical
+    for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -281,6 +327,11 @@ void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const
                     int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
                     int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
+  if (!all_units && shadow_q == nullptr) {  // exact router: every gate/up row, then the chosen down rows
+    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, unit_bias, threshold, min_units, max_units, y, counts,
+                  accumulate, nthreads);
+    return;
+  }
   if (!all_units) {
     std::vector<float> score(t_count * f);
     ar_router_scores(x, t_count, h, f, shadow_q, shadow_scale, group_size, unit_bias, score.data(), nthreads);
