@@ -134,39 +134,44 @@ def check_serve_options(args) -> None:
 
 def attach(args, service) -> tuple:
     """Applies --density and --faults, starts the rollout; returns the routers to mount."""
+    if args.stage is not None and "routed" not in service.model.arms:
+        raise AdarouteError(f"--stage: a rollout needs a routed model; {args.model} serves only the dense arm")
+    # gates first: they come from the model at its calibrated operating point, not from a what-if
+    gates, calibration = _gates(args, service) if args.stage is not None else (None, {})
     if args.density is not None or args.faults:
         _what_if(args, service)
     if args.stage is None:
         return ()
-    from adaroute.models import is_routed, resolve  # noqa: PLC0415
     from adaroute.runtime.failsafe import FaultInjector  # noqa: PLC0415
     from adaroute.serve.admin import admin_router  # noqa: PLC0415
-    from adaroute.serve.gates import GateConfig  # noqa: PLC0415
     from adaroute.serve.rollout import Rollout  # noqa: PLC0415
-    from adaroute.serve.rollout_service import StagedRollout, calibration_of, default_gates  # noqa: PLC0415
+    from adaroute.serve.rollout_service import StagedRollout  # noqa: PLC0415
 
-    if "routed" not in service.model.arms:
-        raise AdarouteError(f"--stage: a rollout needs a routed model; {args.model} serves only the dense arm")
-    source = resolve(args.model)
-    calibration = calibration_of(source.directory if is_routed(source) else None)
     _log_alerts()
-    gates: GateConfig = default_gates(service, calibration)
-    if args.gates:
-        try:
-            gates = gates.updated(args.gates)
-        except (ValueError, TypeError) as e:
-            raise AdarouteError(f"--gates {args.gates}: {e}") from None
     rollout = Rollout(args.stage, gates, args.canary_fraction, args.shadow_fraction, args.auto_promote,
                       args.rollout_seed)
-    try:
-        staged = StagedRollout(service, rollout, (calibration.get("calib_stats") or {}).get("mean_density"))
-    except ValueError as e:
-        raise AdarouteError(f"--stage: {e}") from None
+    staged = StagedRollout(service, rollout, (calibration.get("calib_stats") or {}).get("mean_density"))
     print(f"adaroute serve: rollout stage {rollout.stage} (canary {rollout.canary_fraction}, shadow "
           f"{rollout.shadow_fraction}); gates {gates.to_dict()}", flush=True)
     if args.faults:  # the shadow re-scores the routed arm as served, faults included
         staged.shadow.rescorer.routed.failsafe.faults = FaultInjector.parse(args.faults, args.rollout_seed + 1)
     return (admin_router(staged, args.admin_key),) if args.admin_key else ()
+
+
+def _gates(args, service):
+    """(gates, calibration.json) of the served routed model, with --gates applied."""
+    from adaroute.models import is_routed, resolve  # noqa: PLC0415
+    from adaroute.serve.rollout_service import calibration_of, default_gates  # noqa: PLC0415
+
+    source = resolve(args.model)
+    calibration = calibration_of(source.directory if is_routed(source) else None)
+    gates = default_gates(service, calibration)
+    if args.gates:
+        try:
+            gates = gates.updated(args.gates)
+        except (ValueError, TypeError) as e:
+            raise AdarouteError(f"--gates {args.gates}: {e}") from None
+    return gates, calibration
 
 
 def _log_alerts() -> None:
