@@ -88,7 +88,7 @@ def test_quantised_routed_model_equals_its_dequantised_twin(fmt):
     model = make_tiny_llama(seed=3)
     for m in route_model(model):
         m.threshold, m.min_units, m.max_units = -6.0, 8, 100
-    w = quantise(from_model(model), fmt)
+    w = quantise(from_model(model), fmt, router="shadow")  # the float twin needs the shadow
     ffn = w.layers[0].ffn
     assert ffn.w_gate.data.untyped_storage().data_ptr() == ffn.w_down_t.data.untyped_storage().data_ptr()
     seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
@@ -98,3 +98,20 @@ def test_quantised_routed_model_equals_its_dequantised_twin(fmt):
         cache = engine.new_cache(1, 8)
         out[name] = torch.stack([engine.forward(seq[:, i:i + 1], cache)[0] for i in range(seq.shape[1])])
     torch.testing.assert_close(out["blocks"], out["float"], rtol=1e-4, atol=1e-4)
+
+
+def test_router_is_chosen_per_format_by_bytes():
+    """Float32: the int4 shadow is a tenth of the FFN and wins; q4: it costs as much as gate/up, so
+    the exact router (gate/up of every unit, down rows of the selected) reads fewer bytes."""
+    from adaroute.routing import route_model
+    from adaroute.runtime.quant_weights import quantise, router_for
+    from adaroute.runtime.weights import from_model
+    from tests.fixtures import make_tiny_llama
+
+    model = make_tiny_llama(seed=3, hidden=128, intermediate=512)
+    route_model(model)
+    w = from_model(model)
+    assert router_for(w.layers[0].ffn, 0.5) == "shadow"
+    q4 = quantise(w, "q4_1")
+    assert q4.layers[0].ffn.shadow_q.numel() == 0 and q4.head.fmt == "q8_0"
+    assert sum(q4.weight_bytes(0.5).values()) < sum(q4.weight_bytes(None).values())
