@@ -129,3 +129,25 @@ def test_fault_spec_parsing():
         with pytest.raises(ValueError, match="faults"):
             FaultInjector.parse(bad)
     assert REASONS == ("band", "nonfinite", "error")
+
+
+def test_calibration_stores_the_band_and_a_saved_model_keeps_it(tmp_path):
+    from adaroute.config import RoutingConfig
+    from adaroute.routing import load_routed, route_model, save_routed
+    from adaroute.routing.profile import PROFILE_GRID
+    from adaroute.training.trainer import calibrate
+    from tests.fixtures import make_tiny_llama, make_tiny_tokenizer
+
+    model = make_tiny_llama(seed=2)
+    mods = route_model(model)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(512, m.hidden, generator=g) for m in mods]
+    calibrate(mods, inputs, [0.5] * len(mods), torch.zeros(len(mods), len(PROFILE_GRID)), RoutingConfig())
+    bands = [m.profile.units_band for m in mods]
+    for m, x, band in zip(mods, inputs, bands, strict=True):
+        counts = m.select(m.router.score(x)).sum(-1)
+        assert band == units_band(counts, m.units) and band[0] <= int(counts.median()) <= band[1]
+    save_routed(model, make_tiny_tokenizer(), tmp_path / "r", "tiny", RoutingConfig(), {"data": ["random"]})
+    loaded, _ = load_routed(tmp_path / "r")
+    engine = Engine.from_model(loaded)
+    assert engine.failsafe.bands() == [tuple(b) for b in bands]
