@@ -44,7 +44,7 @@ def canary(tiny_routed_dir, tmp_path_factory):
     """Canary at 0.5 with generous quality limits (a tiny random model agrees with itself only so much)."""
     d = tmp_path_factory.mktemp("rollout")
     gates = d / "gates.toml"
-    gates.write_text("min_agreement = 0.05\nmax_kl = 50.0\nmin_samples = 20\n")
+    gates.write_text("min_agreement = 0.05\nmax_kl = 50.0\nmin_samples = 20\nmax_itl_ratio = 100.0\n")  # timing-free
     s = ServerProcess(tiny_routed_dir, "--stage", "canary", "--canary-fraction", "0.5", "--shadow-fraction", "0.5",
                       "--gates", str(gates), "--admin-key", ADMIN, "--max-batch", "4", audit=d / "audit.sqlite")
     yield s
