@@ -12,6 +12,7 @@ Rows:
   ffn routed d     the fused routed kernel at density d (router included), same layer
   ffn packed d     the same on unit-packed weights (views of one [F, 3, H] store per layer)
   router           the router's scores alone (int8 activations x int4 shadow), same layer
+  ffn packed d +adapter r   the packed routed kernel with a rank-r routing adapter (bytes: 3 r H + d F 3 r more)
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from adaroute.kernels import get_kernel, reference
 H, F, V = 576, 1536, 49152
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time, which a busy machine's waiting does not inflate
+
+
 def timed(fn, repeats: int) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(repeats):
         fn()
-    return (time.perf_counter() - start) / repeats
+    return (CLOCK() - start) / repeats
 
 
 def routed_layer(seed=0) -> dict:
@@ -52,7 +56,13 @@ def threshold_for(t: dict, x: torch.Tensor, density: float) -> float:
     return float(torch.quantile(scores.flatten(), 1 - density))
 
 
-def cases(tokens: int) -> dict:
+def adapter(rank: int, seed: int) -> reference.Adapter:
+    g = torch.Generator().manual_seed(seed)
+    return reference.Adapter(torch.randn(2 * rank, H, generator=g) * 0.04, torch.randn(F, 3, rank, generator=g) * 0.01,
+                             torch.randn(H, rank, generator=g) * 0.01)
+
+
+def cases(tokens: int, adapt_rank: int = 16) -> dict:
     """name -> (callable, bytes read per call)."""
     cpu = get_kernel("cpu")
     big = torch.randn(64 << 20)  # 256 MB
@@ -87,14 +97,20 @@ def cases(tokens: int) -> dict:
                 lambda ths=ths, ls=ls: [cpu.routed_ffn(x1, **t, threshold=th, min_units=0, max_units=F)
                                         for t, th in zip(ls, ths, strict=True)],
                 8 * (int(d * ffn_bytes) + router_bytes))
+        if adapt_rank:
+            ads = [adapter(adapt_rank, i) for i in range(len(layers))]
+            out[f"ffn packed {d} +adapter r{adapt_rank} cpu x8"] = (
+                lambda ths=ths, ads=ads: [cpu.routed_ffn(x1, **t, threshold=th, min_units=0, max_units=F, adapter=a)
+                                          for t, th, a in zip(packed, ths, ads, strict=True)],
+                8 * (int(d * ffn_bytes) + router_bytes + 4 * (3 * adapt_rank * H + int(d * F * 3 * adapt_rank))))
     return out
 
 
-def run(threads: list[int], tokens: int, rounds: int) -> list[dict]:
+def run(threads: list[int], tokens: int, rounds: int, adapt_rank: int = 16) -> list[dict]:
     rows = []
     for n in threads:
         torch.set_num_threads(n)
-        table = cases(tokens)
+        table = cases(tokens, adapt_rank)
         best = {name: math.inf for name in table}
         for _ in range(rounds):
             for name, (fn, _) in table.items():
@@ -111,12 +127,20 @@ def main():
     p.add_argument("--threads", default="1,2")
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--adapt-rank", type=int, default=16, help="rank of the routing-adapter rows (0: none)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with this thread's CPU time (needs --threads 1): stable on a shared machine")
     p.add_argument("--json")
     args = p.parse_args()
-    rows = run([int(t) for t in args.threads.split(",")], args.tokens, args.rounds)
-    print(f"{'case':<26}{'threads':>8}{'ms':>10}{'GB/s':>8}")
+    if args.cpu_time:
+        if args.threads != "1":
+            p.error("--cpu-time measures the calling thread only: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
+    rows = run([int(t) for t in args.threads.split(",")], args.tokens, args.rounds, args.adapt_rank)
+    print(f"{'case':<38}{'threads':>8}{'ms':>10}{'GB/s':>8}")
     for r in rows:
-        print(f"{r['case']:<26}{r['threads']:>8}{r['ms']:>10.3f}{r['gb_per_s']:>8.1f}")
+        print(f"{r['case']:<38}{r['threads']:>8}{r['ms']:>10.3f}{r['gb_per_s']:>8.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
