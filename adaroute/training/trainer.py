@@ -197,7 +197,8 @@ def _distill(model, tokenizer, texts, mods, inputs, densities, train: TrainConfi
             targets[m.layer_idx] = oracle_rate(contribution_energy(m, x[:4096]), d)  # [F]
             if train.adapt_rank:
                 m.add_adapter(train.adapt_rank, gen)
-    windows = token_windows(tokenizer, texts, train.distill_window, train.distill_tokens)  # [B, W]
+    limit = getattr(model.config, "max_position_embeddings", None) or train.distill_window
+    windows = token_windows(tokenizer, texts, min(train.distill_window, limit), train.distill_tokens)  # [B, W]
     return distill(model, mods, windows, targets, train, checkpoint)
 
 
