@@ -25,7 +25,7 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "ar_qlinear": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _I64, _I32, _I32],
     "ar_qgate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I32],
-    "ar_qrouted_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _P, ctypes.c_float, _I64, _I64,
+    "ar_qrouted_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, ctypes.c_float, _I64, _I64,
                        _I32, _P, _P, _I32, _I32],
 }
 
@@ -95,9 +95,10 @@ def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | N
 
 def _unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -> int | None:
     """Bytes from one unit's rows to the next when all three share one row stride (unit-packed or
-    three contiguous tensors), else None."""
+    three contiguous tensors of one format), else None. Gate and up share a format; the down rows
+    may have their own (q8_0 under 4-bit gate/up)."""
     ws = (w_gate, w_up, w_down_t)
-    if len({w.fmt for w in ws}) != 1 or any(w.data.stride(1) != 1 for w in ws):
+    if w_gate.fmt != w_up.fmt or any(w.data.stride(1) != 1 for w in ws):
         return None
     strides = {w.data.stride(0) for w in ws}
     return strides.pop() if len(strides) == 1 else None
@@ -143,7 +144,8 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
         xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
         _lib().ar_qrouted_ffn(xs.data_ptr(), xs.shape[0], h, f, w_gate.data_ptr(), w_up.data_ptr(),
-                              w_down_t.data_ptr(), ldw, FMT_CODES[w_gate.fmt], router[0], router[1], group, router[2],
+                              w_down_t.data_ptr(), ldw, FMT_CODES[w_gate.fmt], FMT_CODES[w_down_t.fmt], router[0],
+                              router[1], group, router[2],
                               float(threshold), int(min_units), int(max_units), int(all_units), ys.data_ptr(),
                               cs.data_ptr(), int(residual is not None), torch.get_num_threads())
     return y, counts

@@ -144,7 +144,7 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     """A pass over built weights: every float matrix (projections, FFN units, embedding and head)
     quantised to ``fmt`` ("q8_0", "q4_0", "q4_1") with ggml's rounding; norms, RoPE tables and router
     tensors stay as they are. A routed FFN's three unit matrices become views of one unit-packed
-    block store [F, 3, H/32 * J], so a selected unit is one contiguous read, as in float32.
+    block store [F, bytes of three rows], so a selected unit is one contiguous read, as in float32.
 
     ``router`` per routed layer: "shadow" (the int4 shadow scores every unit), "exact" (gate and up are
     computed for every unit and scored exactly; only the selected down rows are read) or "auto":
@@ -152,8 +152,10 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     from adaroute.kernels.quant_reference import quantize
 
     done: dict[int, QuantWeight] = {}  # by data_ptr: the tied head stays the embedding
-    # The embedding/head at 8 bits in a 4-bit model, as GGUF files keep it (the embedded file's
-    # token_embd is Q8_0): at 4 bits it alone moved the embedded model's perplexity by several percent.
+    # In a 4-bit model the embedding/head and the routed down rows stay at 8 bits. The head as GGUF
+    # files keep it (the embedded file's token_embd is Q8_0; at 4 bits it alone cost 5 % perplexity).
+    # The down rows because the unit layout blocks them along H while a GGUF blocks ffn_down along F:
+    # from a 4-bit source they would be rounded to 4 bits twice (8 % perplexity on the embedded model).
     head_fmt = "q8_0" if fmt.startswith("q4") else fmt
 
     def q(t, to=fmt):
@@ -168,10 +170,12 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
             return DenseFFN(q(f.w_gate), q(f.w_up), q(f.w_down))
         if getattr(f, "adapter", None) is not None:
             raise ValueError("quantised routed FFNs do not run routing adapters yet; quantise the base model")
-        store = torch.stack([quantize(m.contiguous(), fmt).data for m in (f.w_gate, f.w_up, f.w_down_t)], dim=1)
-        h = f.w_gate.shape[1]
-        views = dict(zip(("w_gate", "w_up", "w_down_t"), (QuantWeight(store[:, k], fmt, h) for k in range(3)),
-                         strict=True))  # [F, H/32*J] each, row stride 3x
+        fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
+        parts = [quantize(m.contiguous(), to).data for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
+        store = torch.cat(parts, dim=1)  # [F, bytes of a unit's three rows]
+        h, ends = f.w_gate.shape[1], torch.tensor([p.shape[1] for p in parts]).cumsum(0).tolist()
+        views = {name: QuantWeight(store[:, end - p.shape[1]:end], to, h)
+                 for name, p, end, to in zip(("w_gate", "w_up", "w_down_t"), parts, ends, fmts, strict=True)}
         out = dataclasses.replace(f, **views)
         if (router if router != "auto" else router_for(out, f.expected_density() or 0.5)) == "exact":
             out = dataclasses.replace(out, shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])

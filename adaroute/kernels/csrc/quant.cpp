@@ -268,7 +268,7 @@ int64_t select_units(const float* score, int64_t f, float threshold, int64_t min
 // shadow's score is defined but on the exact values, log(|silu(g) u| + 1e-20) + bias, selected by
 // the same policy, and only the selected units' down rows are read.
 void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
-                   const uint8_t* wd_t, int64_t ldw, int64_t fmt, const float* unit_bias, float threshold,
+                   const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const float* unit_bias, float threshold,
                    int64_t min_units, int64_t max_units, float* y, int64_t* counts, int accumulate, int nthreads) {
   std::vector<float> act(t_count * f), score(t_count * f);  // [T, F]: silu(g) u, and its score
 #pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
@@ -302,7 +302,7 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       const int64_t i = units[j];
       float a[kMaxTokens];
       for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
-      qaxpy(wd_t + i * ldw, fmt, a, t_count, part.data(), h);
+      qaxpy(wd_t + i * ldw, fmt_d, a, t_count, part.data(), h);
     }
 #pragma omp critical
     for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
@@ -317,18 +317,19 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
                       const float* shadow_scale, int64_t group_size, const float* unit_bias, float* out,
                       int nthreads);
 
-// Routed SwiGLU FFN with block-quantised units: unit i's gate row, up row and down column (row of
-// w_down_t) are rows of H/32 blocks each, ldw bytes from one unit to the next (3 rows side by side
+// Routed SwiGLU FFN with block-quantised units: unit i's gate row, up row (format fmt) and down
+// column (row of w_down_t, format fmt_d) are rows of H/32 blocks each, ldw bytes from one unit to the next (3 rows side by side
 // when unit-packed: one contiguous read per unit). Scores come from the int4 shadow exactly as in
 // ar_routed_ffn; all_units != 0 computes every unit (the dense pass in this layout). Each thread adds
 // its units into a private [T, H] sum, summed into y at the end. counts [T]: units per token.
 void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
-                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, const uint8_t* shadow_q, const float* shadow_scale,
+                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const uint8_t* shadow_q,
+                    const float* shadow_scale,
                     int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
                     int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
   if (!all_units && shadow_q == nullptr) {  // exact router: every gate/up row, then the chosen down rows
-    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, unit_bias, threshold, min_units, max_units, y, counts,
+    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units, y, counts,
                   accumulate, nthreads);
     return;
   }
@@ -359,7 +360,7 @@ void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const
       qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
       qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
       for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? silu(g[t]) * u[t] : 0.0f;
-      qaxpy(wd_t + i * ldw, fmt, a, t_count, part.data(), h);
+      qaxpy(wd_t + i * ldw, fmt_d, a, t_count, part.data(), h);
     }
 #pragma omp critical
     for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
