@@ -20,7 +20,7 @@ import os
 import torch
 
 from adaroute.data import load_text
-from adaroute.eval.bench import bench_prompts, llama_cpp_engine, run_engines, runtime_engine
+from adaroute.eval.bench import _fmt, bench_prompts, llama_cpp_engine, run_engines, runtime_engine
 from adaroute.eval.perplexity import tokenize, window_nll, windows
 from adaroute.models.loading import resolve
 from adaroute.runtime import Engine
@@ -104,14 +104,10 @@ def main() -> None:
                         "perplexity": ppl.get(e.name), "vs_llama_cpp": ratio})
             row = out[-1]
             print(f"{e.name:<18}{r.decode_tokens_per_s:>8.1f}{mb:>10.1f}{row['gb_per_s']:>7.1f}"
-                  f"{_f(row['perplexity'], '.3f'):>9}{_f(ratio, '.2f', 'x'):>14}")
+                  f"{_fmt(row['perplexity'], '.3f'):>9}{_fmt(ratio, '.2f', 'x'):>14}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "load": os.getloadavg(), "rows": out}, f, indent=2)
-
-
-def _f(v, spec, suffix=""):
-    return "-" if v is None else format(v, spec) + suffix
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 from adaroute import load_model
 from adaroute.data import load_text
-from adaroute.eval.bench import bench_prompts, run_engines, runtime_engine
+from adaroute.eval.bench import _fmt, bench_prompts, run_engines, runtime_engine
 from adaroute.eval.perplexity import tokenize, window_nll, windows
 from adaroute.routing.profile import apply_density
 from adaroute.runtime import Engine, ExecutionPolicy
@@ -72,7 +72,8 @@ def main() -> None:
             for kind, value in (("dense", dense.get(f)), ("routed", routed_ppl)):
                 r = records[f"{f} {kind}"]
                 router = "exact" if w.layers[0].ffn.shadow_q.numel() == 0 else "shadow"
-                rows.append({"format": f, "engine": kind if kind == "dense" else f"routed ({router})", "density": density if kind == "routed" else 1.0,
+                name = kind if kind == "dense" else f"routed ({router})"
+                rows.append({"format": f, "engine": name, "density": density if kind == "routed" else 1.0,
                              "realised_density": r.density, "tokens_per_s": r.decode_tokens_per_s,
                              "mb_per_token": r.weight_mb_per_step, "perplexity": value,
                              "ppl_ratio": value / dense["f32"] if value and "f32" in dense else None,
@@ -83,16 +84,12 @@ def main() -> None:
     print(f"{'format':<7}{'engine':<17}{'density':>8}{'tok/s':>8}{'MB/token':>10}{'vs f32 dense':>14}{'ppl':>9}"
           f"{'ratio':>8}")
     for r in rows:
-        print(f"{r['format']:<7}{r['engine']:<17}{_f(r['realised_density'] or r['density'], '.2f'):>8}"
-              f"{r['tokens_per_s']:>8.1f}{_f(r['mb_per_token'], '.0f'):>10}{_f(r['vs_f32_dense'], '.2f', 'x'):>14}"
-              f"{_f(r['perplexity'], '.3f'):>9}{_f(r['ppl_ratio'], '.3f'):>8}")
+        print(f"{r['format']:<7}{r['engine']:<17}{_fmt(r['realised_density'] or r['density'], '.2f'):>8}"
+              f"{r['tokens_per_s']:>8.1f}{_fmt(r['mb_per_token'], '.0f'):>10}{_fmt(r['vs_f32_dense'], '.2f', 'x'):>14}"
+              f"{_fmt(r['perplexity'], '.3f'):>9}{_fmt(r['ppl_ratio'], '.3f'):>8}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "load": os.getloadavg(), "rows": rows}, f, indent=2)
-
-
-def _f(v, spec, suffix=""):
-    return "-" if v is None else format(v, spec) + suffix
 
 
 if __name__ == "__main__":

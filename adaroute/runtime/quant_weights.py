@@ -90,7 +90,8 @@ def _config(fields: dict, arch: str):
                        num_hidden_layers=key("block_count"), num_attention_heads=heads,
                        num_key_value_heads=key("attention.head_count_kv", heads),
                        head_dim=key("rope.dimension_count", hidden // heads),
-                       max_position_embeddings=key("context_length"), rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+                       max_position_embeddings=key("context_length"),
+                       rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
                        rope_parameters={"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))})
 
 

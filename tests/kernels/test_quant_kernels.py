@@ -68,9 +68,8 @@ def test_real_blocks_of_the_embedded_file():
 def test_routed_units_match_reference(fmt, tokens, guards):
     """Quantised unit-packed units, int4-shadow scores, threshold and min/max guards == the float
     reference on the dequantised units."""
-    from tests.kernels.test_kernels import gap_threshold, routed_tensors
-
     from adaroute.kernels import reference
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
 
     t = routed_tensors(tokens)
     store = torch.stack([qr.quantize(t[k], fmt).data for k in ("w_gate", "w_up", "w_down_t")], dim=1)
@@ -92,9 +91,8 @@ def test_routed_units_match_reference(fmt, tokens, guards):
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_exact_router_matches_reference(fmt, tokens):
     """No shadow: scores from exact gate/up, the selection policy, only the selected down rows."""
-    from tests.kernels.test_kernels import gap_threshold, routed_tensors
-
     from adaroute.kernels import reference
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
 
     t = routed_tensors(tokens + 10)
     units = [qr.quantize(t[k], fmt) for k in ("w_gate", "w_up", "w_down_t")]

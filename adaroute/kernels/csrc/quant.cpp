@@ -263,6 +263,35 @@ int64_t select_units(const float* score, int64_t f, float threshold, int64_t min
   return static_cast<int64_t>(idx.size());
 }
 
+// y (+)= sum over the units any token selected (sel [T, F]) of a[t] * their down row, with
+// act(i, a) giving unit i's coefficients a[T] (0 where a token did not select it). Units are taken
+// in ascending order (memory walked forwards); each thread adds into a private [T, H] sum.
+template <class Act>
+void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, int64_t h, const uint8_t* wd_t,
+                 int64_t ldw, int64_t fmt_d, float* y, int accumulate, int nthreads, Act act) {
+  std::vector<int> units;
+  for (int64_t i = 0; i < f; ++i)
+    for (int64_t t = 0; t < t_count; ++t)
+      if (sel[t * f + i]) {
+        units.push_back(static_cast<int>(i));
+        break;
+      }
+  if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
+  const int64_t n = static_cast<int64_t>(units.size());
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> part(t_count * h, 0.0f);
+#pragma omp for schedule(dynamic, kChunk) nowait
+    for (int64_t j = 0; j < n; ++j) {
+      float a[kMaxTokens];
+      act(units[j], a);
+      qaxpy(wd_t + units[j] * ldw, fmt_d, a, t_count, part.data(), h);
+    }
+#pragma omp critical
+    for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
+  }
+}
+
 // The router for formats where an int4 shadow of gate/up costs about as much as gate/up themselves
 // (q4; q8 at moderate density): gate and up are computed exactly for every unit, scored as the
 // shadow's score is defined but on the exact values, log(|silu(g) u| + 1e-20) + bias, selected by
@@ -285,28 +314,9 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   std::vector<uint8_t> sel(t_count * f);
   for (int64_t t = 0; t < t_count; ++t)
     counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
-  std::vector<int> units;
-  for (int64_t i = 0; i < f; ++i)
-    for (int64_t t = 0; t < t_count; ++t)
-      if (sel[t * f + i]) {
-        units.push_back(static_cast<int>(i));
-        break;
-      }
-  if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
-  const int64_t n = static_cast<int64_t>(units.size());
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<float> part(t_count * h, 0.0f);
-#pragma omp for schedule(dynamic, kChunk) nowait
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = units[j];
-      float a[kMaxTokens];
-      for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
-      qaxpy(wd_t + i * ldw, fmt_d, a, t_count, part.data(), h);
-    }
-#pragma omp critical
-    for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
-  }
+  gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
+    for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
+  });
 }
 
 }  // namespace
@@ -318,19 +328,19 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
                       int nthreads);
 
 // Routed SwiGLU FFN with block-quantised units: unit i's gate row, up row (format fmt) and down
-// column (row of w_down_t, format fmt_d) are rows of H/32 blocks each, ldw bytes from one unit to the next (3 rows side by side
-// when unit-packed: one contiguous read per unit). Scores come from the int4 shadow exactly as in
-// ar_routed_ffn; all_units != 0 computes every unit (the dense pass in this layout). Each thread adds
-// its units into a private [T, H] sum, summed into y at the end. counts [T]: units per token.
+// column (row of w_down_t, format fmt_d) are rows of H/32 blocks each, ldw bytes from one unit to
+// the next (the three rows side by side when unit-packed: one contiguous read per unit). Scores come
+// from the int4 shadow exactly as in ar_routed_ffn, or from exact gate/up when shadow_q is null
+// (qrouted_exact); all_units != 0 computes every unit (the dense pass in this layout).
+// counts [T]: units per token.
 void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                     const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const uint8_t* shadow_q,
-                    const float* shadow_scale,
-                    int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
+                    const float* shadow_scale, int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
                     int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
   if (!all_units && shadow_q == nullptr) {  // exact router: every gate/up row, then the chosen down rows
-    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units, y, counts,
-                  accumulate, nthreads);
+    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units, y,
+                  counts, accumulate, nthreads);
     return;
   }
   if (!all_units) {
@@ -341,30 +351,12 @@ void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const
   } else {
     for (int64_t t = 0; t < t_count; ++t) counts[t] = f;
   }
-  std::vector<int> units;  // selected by any token, ascending: memory is walked forwards
-  for (int64_t i = 0; i < f; ++i)
-    for (int64_t t = 0; t < t_count; ++t)
-      if (sel[t * f + i]) {
-        units.push_back(static_cast<int>(i));
-        break;
-      }
-  if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
-  const int64_t n = static_cast<int64_t>(units.size());
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<float> part(t_count * h, 0.0f);
-#pragma omp for schedule(dynamic, kChunk) nowait
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t i = units[j];
-      float g[kMaxTokens], u[kMaxTokens], a[kMaxTokens];
-      qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
-      qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
-      for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? silu(g[t]) * u[t] : 0.0f;
-      qaxpy(wd_t + i * ldw, fmt_d, a, t_count, part.data(), h);
-    }
-#pragma omp critical
-    for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
-  }
+  gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
+    float g[kMaxTokens], u[kMaxTokens];
+    qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
+    qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
+    for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? silu(g[t]) * u[t] : 0.0f;
+  });
 }
 
 }  // extern "C"
