@@ -115,3 +115,17 @@ def test_router_is_chosen_per_format_by_bytes():
     q4 = quantise(w, "q4_1")
     assert q4.layers[0].ffn.shadow_q.numel() == 0 and q4.head.fmt == "q8_0"
     assert sum(q4.weight_bytes(0.5).values()) < sum(q4.weight_bytes(None).values())
+
+
+def test_bench_runs_the_files_own_blocks(files):
+    from adaroute.eval.bench import build_engines, run_engines
+
+    model = AutoModelForCausalLM.from_pretrained(files["Q4_1"].parent, gguf_file=files["Q4_1"].name,
+                                                 dtype=torch.float32)
+    engines = build_engines(model, str(files["Q4_1"]), max_len=32)
+    names = [e.name for e in engines]
+    assert "adaroute q4_1" in names
+    records = {r.engine: r for r in run_engines(engines, [[1, 2, 3, 4]], 6, repeats=1)}
+    q4, dense = records["adaroute q4_1"], records["adaroute-dense"]
+    assert q4.weight_mb_per_step < dense.weight_mb_per_step / 3  # 20 bytes per 32 weights against 128
+    assert not [e for e in build_engines(model, str(files["F32"]), max_len=32) if e.name.startswith("adaroute q")]
