@@ -34,7 +34,7 @@ system-deps:
 	fi
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP) system-deps  # developers' quick lane: everything but the embedded-model integration tests
 	$(PY) -m pytest -q -m "not slow"
