@@ -53,13 +53,14 @@ def start(routed: str, port: int, threads: int) -> subprocess.Popen:
     raise RuntimeError("the server did not start")
 
 
-def decode(url: str, question: str, max_tokens: int) -> tuple[int, float]:
+def decode(url: str, model: str, question: str, max_tokens: int) -> tuple[int, float]:
     """(tokens after the first, seconds from first to last token) of one streamed answer."""
-    body = {"model": "m", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     first = last = None
     tokens = 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for stage in ("dense", "shadow"):
                 httpx.post(url + "/admin/rollout", headers=admin, json={"stage": stage}).raise_for_status()
-                runs = [decode(url, QUESTIONS[i % len(QUESTIONS)], args.max_tokens) for i in range(args.requests)]
+                runs = [decode(url, model, QUESTIONS[i % len(QUESTIONS)], args.max_tokens) for i in range(args.requests)]
                 tps[stage].append(sum(n for n, _ in runs) / sum(t for _, t in runs))
         status = httpx.get(url + "/admin/rollout", headers=admin).json()
         metrics = httpx.get(url + "/metrics").text
