@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for stage in ("dense", "shadow"):
                 httpx.post(url + "/admin/rollout", headers=admin, json={"stage": stage}).raise_for_status()
-                runs = [decode(url, model, QUESTIONS[i % len(QUESTIONS)], args.max_tokens) for i in range(args.requests)]
+                runs = [decode(url, model, QUESTIONS[i % len(QUESTIONS)], args.max_tokens)
+                        for i in range(args.requests)]
                 tps[stage].append(sum(n for n, _ in runs) / sum(t for _, t in runs))
         status = httpx.get(url + "/admin/rollout", headers=admin).json()
         metrics = httpx.get(url + "/metrics").text
