@@ -16,7 +16,9 @@ from tests.serve.conftest import ServerProcess
 
 KEY = "dash-admin"
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "dashboard.png"
+# The README's picture: ADAROUTE_DASHBOARD_SCREENSHOT=docs/img/dashboard.png pytest tests/serve/test_dashboard.py
+# (by default the screenshot goes to the test's temporary folder, so tests never change tracked files).
+SCREENSHOT_VARIABLE = "ADAROUTE_DASHBOARD_SCREENSHOT"
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def canary(tiny_routed_dir, tmp_path_factory):
     s.stop()
 
 
-def test_page_renders_in_headless_chromium(canary):
+def test_page_renders_in_headless_chromium(canary, tmp_path):
     dash = canary
     from playwright.sync_api import sync_playwright
 
@@ -115,12 +117,14 @@ def test_page_renders_in_headless_chromium(canary):
             assert page.text_content("#stage") == "canary"
             assert page.locator("#tps path.series").count() == 2  # one line per arm
             assert page.text_content("#error") == ""
-            tmp = SCREENSHOT.with_name(".dashboard.partial.png")
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            shot = Path(os.environ.get(SCREENSHOT_VARIABLE) or tmp_path / "dashboard.png")
+            tmp = shot.with_name(".dashboard.partial.png")
+            shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(tmp))
-            shutil.move(tmp, SCREENSHOT)  # a rename: the committed image is never half-written
+            shutil.move(tmp, shot)  # a rename: the picture is never half-written
             browser.close()
     finally:
         stop.set()
         sender.join(timeout=60)
     assert errors == []
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
