@@ -94,6 +94,26 @@ async def phase(url: str, model: str, arm: str | None, n: int, concurrency: int,
     return results, time.perf_counter() - start, started_unix
 
 
+def timed_stream(url: str, endpoint: str, body: dict, timeout: float = 600) -> tuple[int, float]:
+    """Stream one request (``body`` without ``stream``) -> (completion tokens, seconds from the first
+    text chunk to the last). Completions carry text in ``choices[].text``, chat in ``delta.content``."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    first = last = None
+    tokens = 0
+    with httpx.stream("POST", url + endpoint, json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
+                last = time.perf_counter()
+                first = first or last
+    return tokens, (last - first) if first and last else 0.0
+
+
 def summarize(results: list[dict], wall: float) -> dict:
     ok = [r for r in results if r["status"] == 200]
     errors: dict[str, int] = {}

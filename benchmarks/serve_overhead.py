@@ -18,33 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import httpx
-from load_test import loopback_only  # benchmarks/load_test.py, beside this script
+from load_test import loopback_only, timed_stream  # benchmarks/load_test.py, beside this script
 
 
 def http_decode_rate(url: str, model: str, prompt: str, new_tokens: int, arm: str) -> float:
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "arm": arm}
-    first = last = None
-    tokens = 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("text") for c in chunk.get("choices", [])):
-                last = time.perf_counter()
-                first = first or last
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "arm": arm}
+    tokens, seconds = timed_stream(url, "/v1/completions", body)
     if tokens < new_tokens:
         raise SystemExit(f"serve_overhead: the server stopped after {tokens} of {new_tokens} tokens; "
                          "choose another prompt length")
-    return (tokens - 1) / (last - first)
+    return (tokens - 1) / seconds
 
 
 def main() -> None:

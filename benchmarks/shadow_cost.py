@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+from load_test import timed_stream  # benchmarks/load_test.py, beside this script
 
 KEY = "bench-admin"
 QUESTIONS = ["How does a for loop work in Python?", "What is a Python dictionary used for?",
@@ -56,22 +57,9 @@ def start(routed: str, port: int, threads: int) -> subprocess.Popen:
 def decode(url: str, model: str, question: str, max_tokens: int) -> tuple[int, float]:
     """(tokens after the first, seconds from first to last token) of one streamed answer."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    first = last = None
-    tokens = 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-    return tokens - 1, (last - first) if first and last else 0.0
+            "temperature": 0}
+    tokens, seconds = timed_stream(url, "/v1/chat/completions", body, timeout=300)
+    return tokens - 1, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
