@@ -21,9 +21,9 @@ from torch import nn
 from adaroute.kernels import default_kernel, get_kernel
 from adaroute.runtime.attention import attend
 from adaroute.runtime.failsafe import FailSafe
-from adaroute.runtime.quant_step import fused_decoder
 from adaroute.runtime.kv_cache import KVCache
 from adaroute.runtime.policy import ExecutionPolicy
+from adaroute.runtime.quant_step import fused_decoder
 from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, from_model
 
 
