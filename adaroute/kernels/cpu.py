@@ -42,7 +42,7 @@ _SIGNATURES = {
     "ar_rmsnorm": [_P, _I64, _I64, _P, _F32, _P],
     "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
     "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P,
-                      _I32, _I32, _I64, _P, _P, _P],
+                      _I32, _I32, _I64, _P, _P, _P, _P],
     "ar_router_scores": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32],
 }
 
@@ -161,20 +161,22 @@ def unit_ffn(x, w_gate, w_up, w_down_t, mask=None, residual=None) -> torch.Tenso
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
                min_units: int, max_units: int, residual=None,
-               adapter: reference.Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               adapter: reference.Adapter | None = None,
+               usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused score -> select -> compute (with the routing adapter's low-rank terms for the selected
-    units when given). Returns (y [T, H], counts [T] int64)."""
+    units when given). Returns (y [T, H], counts [T] int64); adds the selection to ``usage`` [F] (int64,
+    contiguous) when given, as ``reference.add_usage``."""
     if is_quant(w_gate) and adapter is None:
         return quant_cpu.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
-                                    min_units, max_units, residual)
+                                    min_units, max_units, residual, usage)
     ok = _routable(x, w_gate, w_up, w_down_t, shadow_scale, unit_bias) and shadow_q.is_contiguous()
     ok = ok and _group_size(x, shadow_scale) % reference.GROUP == 0
     ok = ok and (adapter is None or all(t.dtype is _F32_DTYPE and t.is_contiguous() for t in adapter))
     if not ok or not _residual_ok(residual):
         return reference.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias,
-                                    threshold, min_units, max_units, residual, adapter)
+                                    threshold, min_units, max_units, residual, adapter, usage)
     return _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
-                        min_units, max_units, residual, all_units=False, adapter=adapter)
+                        min_units, max_units, residual, all_units=False, adapter=adapter, usage=usage)
 
 
 def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
@@ -208,8 +210,20 @@ def _residual_ok(residual) -> bool:
     return residual is None or (residual.is_contiguous() and residual.dtype == torch.float32)
 
 
+def usage_ptr(usage: torch.Tensor | None, units: int) -> int | None:
+    """The C kernels' unit-usage argument: a pointer to usage [F], or None (not counted). They add
+    int64 counts in place, so any other tensor is an error rather than memory written past its end."""
+    if usage is None:
+        return None
+    if usage.shape != (units,) or usage.dtype != torch.int64 or not usage.is_contiguous() or usage.is_cuda:
+        raise ValueError(f"usage must be a contiguous CPU int64 tensor of shape ({units},), "
+                         f"got {usage.dtype} {tuple(usage.shape)} on {usage.device}")
+    return usage.data_ptr()
+
+
 def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units,
-                 max_units, residual, all_units: bool, adapter: reference.Adapter | None = None):
+                 max_units, residual, all_units: bool, adapter: reference.Adapter | None = None,
+                 usage: torch.Tensor | None = None):
     t, h = x.shape
     f = w_gate.shape[0]
     y = residual if residual is not None else torch.empty(t, h, dtype=x.dtype)  # [T, H]
@@ -218,7 +232,7 @@ def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, t
         x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(), w_gate.stride(0),
         shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(),
         float(threshold), int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
-        int(residual is not None), _threads(), *_adapter_args(adapter))
+        int(residual is not None), _threads(), *_adapter_args(adapter), usage_ptr(usage, f))
     return y, counts
 
 

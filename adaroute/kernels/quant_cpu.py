@@ -26,7 +26,7 @@ _SIGNATURES = {
     "ar_qlinear": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _I64, _I32, _I32],
     "ar_qgate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I32],
     "ar_qrouted_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, ctypes.c_float, _I64, _I64,
-                       _I32, _P, _P, _I32, _I32],
+                       _I32, _P, _P, _I32, _I32, _P],
 }
 
 
@@ -112,17 +112,19 @@ def unit_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight, m
 
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float, min_units: int,
-               max_units: int, residual=None):
+               max_units: int, residual=None, usage: torch.Tensor | None = None):
     """Score -> select -> the selected quantised units. Scores from the int4 shadow (as
     ``reference.router_scores``) or, when ``shadow_q`` is empty, from exact gate and up
-    (``quant_reference.exact_scores``: every gate/up row is read, then only the selected down rows)."""
+    (``quant_reference.exact_scores``: every gate/up row is read, then only the selected down rows).
+    ``usage`` [F] int64: the selection is added to it, as ``reference.add_usage``."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
-                   residual, all_units=False)
+                   residual, all_units=False, usage=usage)
 
 
 def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
-            residual, all_units: bool, mask=None):
+            residual, all_units: bool, mask=None, usage=None):
     from adaroute.kernels import reference  # noqa: PLC0415
+    from adaroute.kernels.cpu import usage_ptr  # noqa: PLC0415 (cpu imports this module)
 
     ldw = _unit_stride(w_gate, w_up, w_down_t)
     exact = not all_units and shadow_q.numel() == 0
@@ -132,14 +134,16 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
             return reference.unit_ffn(x, *ws, mask, residual), None
         if exact:
             mask = reference.select_units(qr.exact_scores(x, *ws[:2], unit_bias), threshold, min_units, max_units)
+            reference.add_usage(usage, mask)
             return reference.unit_ffn(x, *ws, mask, residual), mask.sum(-1)
         return reference.routed_ffn(x, *ws, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
-                                    residual)
+                                    residual, usage=usage)
     t, h = x.shape
     f = w_gate.shape[0]
     y = residual if residual is not None else torch.empty(t, h)  # [T, H]
     counts = torch.empty(t, dtype=torch.int64)  # [T]
     group = h // shadow_scale.shape[1] if shadow_scale is not None and shadow_scale.shape[1] else BLOCK
+    usage_p = None if all_units else usage_ptr(usage, f)
     router = [0 if r is None or r.numel() == 0 else r.data_ptr() for r in (shadow_q, shadow_scale, unit_bias)]
     for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
         xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
@@ -147,5 +151,5 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
                               w_down_t.data_ptr(), ldw, FMT_CODES[w_gate.fmt], FMT_CODES[w_down_t.fmt], router[0],
                               router[1], group, router[2],
                               float(threshold), int(min_units), int(max_units), int(all_units), ys.data_ptr(),
-                              cs.data_ptr(), int(residual is not None), torch.get_num_threads())
+                              cs.data_ptr(), int(residual is not None), torch.get_num_threads(), usage_p)
     return y, counts

@@ -191,6 +191,13 @@ def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_uni
     return mask
 
 
+def add_usage(usage: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """Unit-usage counting, defined once: usage [F] int64 += how many tokens of mask [T, F] (the final
+    selection) selected each unit; None counts nothing. (``Engine.unit_usage`` keeps one row per layer.)"""
+    if usage is not None:
+        usage += mask.sum(0).to(usage.device, usage.dtype)
+
+
 class Adapter(NamedTuple):
     """Low-rank corrections of a routed FFN (rank r), applied on the routed path only:
 
@@ -242,11 +249,13 @@ def unit_ffn(x, w_gate, w_up, w_down_t, mask: torch.Tensor | None = None, residu
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
                min_units: int, max_units: int, residual=None,
-               adapter: Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               adapter: Adapter | None = None, usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed FFN: returns (y [T, H], counts [T] int64 of units computed per token). The adapter, when
-    given, corrects only the selected units (the dense path, ``unit_ffn`` without one, stays the base)."""
+    given, corrects only the selected units (the dense path, ``unit_ffn`` without one, stays the base).
+    ``usage`` [F] int64, when given, gets the selection added (``add_usage``)."""
     mask = select_units(router_scores(x, shadow_q, shadow_scale, unit_bias), threshold, min_units, max_units)
     y = unit_ffn(x, w_gate, w_up, w_down_t, mask, residual, adapter)
+    add_usage(usage, mask)
     return y, mask.sum(-1)
 
 

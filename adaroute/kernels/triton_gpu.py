@@ -77,20 +77,24 @@ def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_uni
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
                min_units: int, max_units: int, residual=None,
-               adapter: reference.Adapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score -> select -> gather-compute. Returns (y [T, H], counts [T] int64). With a routing
+               adapter: reference.Adapter | None = None,
+               usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score -> select -> gather-compute. Returns (y [T, H], counts [T] int64); ``usage`` [F] as in
+    ``reference.add_usage``. With a routing
     adapter the selection is the same and the masked FFN with its low-rank terms runs in PyTorch
     (on the GPU when x is there): correct, not yet fused into the gather kernel."""
     if triton is None or not (x.is_cuda or _interpreting()) or adapter is not None:
         scores = router_scores(x, shadow_q, shadow_scale, unit_bias) if x.is_cuda and triton is not None else \
             reference.router_scores(x, shadow_q, shadow_scale, unit_bias)
         mask = select_units(scores, threshold, min_units, max_units)
+        reference.add_usage(usage, mask)
         return reference.unit_ffn(x, w_gate, w_up, w_down_t, mask, residual, adapter), mask.sum(-1)
     x = x.contiguous()
     # Rows may be H apart or 3H (views of a [F, 3, H] store); columns must be contiguous.
     w_gate, w_up, w_down_t = (w if w.stride(1) == 1 else w.contiguous() for w in (w_gate, w_up, w_down_t))
     scores = router_scores(x, shadow_q, shadow_scale, unit_bias)  # [T, F]
     mask = select_units(scores, threshold, min_units, max_units)  # [T, F]
+    reference.add_usage(usage, mask)
     y = residual if residual is not None else torch.zeros_like(x)  # [T, H]
     _masked_unit_ffn(x, w_gate, w_up, w_down_t, mask, y)
     return y, mask.sum(-1)

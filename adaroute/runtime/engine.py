@@ -68,6 +68,31 @@ class Engine:
         # no Python between them); None for other kernels and for layers it does not cover.
         self._fused = fused_decoder(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
         self._limits_key, self._limits = None, []
+        self._usage: torch.Tensor | None = None
+
+    @property
+    def unit_usage(self) -> torch.Tensor | None:
+        """Per routed layer and unit, how many tokens selected the unit while the layer ran sparse:
+        [L, F] int64, cumulative, counted by the kernels from each token's final selection (dense layers
+        and dense calls add nothing). None (the default): not counted; ``start_unit_usage`` turns it on."""
+        return self._usage
+
+    @unit_usage.setter
+    def unit_usage(self, usage: torch.Tensor | None) -> None:
+        shape = self._usage_shape()
+        if usage is not None and (tuple(usage.shape) != shape or usage.dtype != torch.int64
+                                  or not usage.is_contiguous() or usage.device != self.w.embed.device):
+            raise ValueError(f"unit_usage must be a contiguous int64 tensor of shape {shape} on "
+                             f"{self.w.embed.device}, got {usage.dtype} {tuple(usage.shape)} on {usage.device}")
+        self._usage = usage
+
+    def start_unit_usage(self) -> torch.Tensor:
+        """Turns the unit-usage counter on from zero and returns it ([L, F], F the widest layer's units)."""
+        self.unit_usage = torch.zeros(self._usage_shape(), dtype=torch.int64, device=self.w.embed.device)
+        return self._usage
+
+    def _usage_shape(self) -> tuple[int, int]:
+        return len(self.w.layers), max(ly.ffn.w_gate.shape[0] for ly in self.w.layers)
 
     @classmethod
     def from_model(cls, model: nn.Module, kernel: ModuleType | str | None = None,
@@ -92,7 +117,7 @@ class Engine:
             fs.begin_step()
             codes = torch.zeros(len(self.w.layers), b * t, dtype=torch.long)  # [L, N]
         if self._fused is not None and b * t <= self._fused.max_tokens and cache.k.dtype == torch.float32:
-            counts = self._fused(x, cache, b, limits, fs, codes)  # [L, N], -1 for layers that ran dense
+            counts = self._fused(x, cache, b, limits, fs, codes, self._usage)  # [L, N], -1 for layers run dense
             self.last_units = counts.clone() if self.record_units else None
             if self.counter is not None and b * t <= max(limits, default=0):
                 ran = counts[:, 0] >= 0
@@ -145,11 +170,13 @@ class Engine:
         if not sparse or (threshold == float("-inf") and max_units >= units):
             k.unit_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, residual=x)
             return None
+        usage = self._usage[i, :units] if self._usage is not None else None  # [F]
         if self.failsafe is not None and codes is not None:
-            counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i])
+            counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i], usage)
         else:
             _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
-                                     ffn.unit_bias, threshold, min_units, max_units, residual=x, adapter=ffn.adapter)
+                                     ffn.unit_bias, threshold, min_units, max_units, residual=x, adapter=ffn.adapter,
+                                     usage=usage)
         if self.counter is not None:
             self.counter.add(counts, units)
         return counts

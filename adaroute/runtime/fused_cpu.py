@@ -37,7 +37,7 @@ class ArStep(ctypes.Structure):
                                         "sin")] + \
                [(name, _I64) for name in ("n_layers", "b", "t", "hidden", "n_heads", "n_kv", "head_dim", "s_max", "pos",
                                           "nthreads", "layer_stride")] + [("eps", ctypes.c_float)] + \
-               [("failsafe", _P), ("ffn_out", _P)]
+               [("failsafe", _P), ("ffn_out", _P), ("usage", _P)]
 
 
 def _plain(*ts: torch.Tensor) -> bool:
@@ -148,11 +148,12 @@ class FusedDecoder:
         return self._scratch[n]
 
     def __call__(self, x: torch.Tensor, cache: KVCache, batch: int, limits: list[int], fs: FailSafe | None = None,
-                 codes: torch.Tensor | None = None) -> torch.Tensor:
+                 codes: torch.Tensor | None = None, usage: torch.Tensor | None = None) -> torch.Tensor:
         """Updates x [N, H] (N = batch * tokens per sequence) through every layer, writes this step's
         keys and values to the cache; returns units per token [L, N] (-1 for layers run dense).
         ``limits[i]``: most tokens in flight at which layer i runs sparse (``Engine.sparse_limits``).
-        With ``fs``, sparse layers run with the fail-safe and leave event codes in codes [L, N]."""
+        With ``fs``, sparse layers run with the fail-safe and leave event codes in codes [L, N]. With
+        ``usage`` (``Engine.unit_usage``, [L, F] int64 contiguous), sparse layers add their selections."""
         n = x.shape[0]
         cache.check_room(n // batch)
         if cache.k.dtype != torch.float32:
@@ -166,6 +167,8 @@ class FusedDecoder:
                       w.head_dim, cache.max_len, cache.pos, torch.get_num_threads(), cache.k.stride(0), w.eps)
         if fs is not None and self._routed:
             step.failsafe, step.ffn_out = codes.data_ptr(), self._guard(fs, n).data_ptr()
+        if usage is not None:
+            step.usage = usage.data_ptr()
         try:
             self._fn(self.layers, ctypes.byref(step))
         finally:

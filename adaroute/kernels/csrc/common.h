@@ -113,6 +113,14 @@ inline void dot_tokens(const float* w, const float* x, int64_t ldx, int64_t k, i
   }
 }
 
+// usage[i] += tokens of mask [T, F] that selected unit i (usage null: not counted). The runtime's
+// per-layer unit-usage counter (Engine.unit_usage); reference.add_usage defines it.
+inline void add_usage(const uint8_t* mask, int64_t nt, int64_t f, int64_t* usage) {
+  if (usage == nullptr) return;
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t i = 0; i < f; ++i) usage[i] += mask[t * f + i];
+}
+
 // y[t] += a[t] * row for nt tokens; y rows are ldy apart. ``ahead`` as in dot_row.
 inline void axpy_tokens(const float* row, const float* a, int nt, float* y, int64_t ldy, int64_t h,
                         const float* ahead) {

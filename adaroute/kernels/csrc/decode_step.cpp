@@ -25,7 +25,7 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale,
                    int64_t group_size, const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
                    int all_units, float* y, int64_t* counts, int accumulate, int nthreads, int64_t adapter_rank,
-                   const float* a_in, const float* a_units, const float* a_out);
+                   const float* a_in, const float* a_units, const float* a_out, int64_t* usage);
 
 struct ArLayer {
   const float *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm;
@@ -57,11 +57,19 @@ struct ArStep {
   float eps;
   int64_t* failsafe;                 // [L, N] fail-safe event codes (null: fail-safe off)
   float* ffn_out;                    // scratch [N, H]: a sparse FFN's output before it is checked
+  int64_t* usage;                    // [L, F] unit-usage counter (null: off): sparse layers add their selections
 };
+
+// Layer i's row of the unit-usage counter, or null when it is off (every layer has ly.units units).
+static int64_t* usage_row(const ArStep* s, const ArLayer& ly, int64_t i) {
+  return s->usage ? s->usage + i * ly.units : nullptr;
+}
 
 // Fail-safe of a sparse routed layer (adaroute/runtime/failsafe.py is its reference): the sparse
 // output goes to scratch; a token whose selection leaves [band_lo, band_hi] (code 1) or whose output
 // is not finite (2), or every token when the kernel throws (3), is recomputed with every unit.
+// The unit-usage counter gets the router's selection, also for tokens recomputed densely (nothing when
+// the kernel throws), as FailSafe.routed_ffn counts it.
 static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64_t* counts) {
   const int64_t n = s->b * s->t, hd = s->hidden;
   int64_t* code = s->failsafe + i * n;
@@ -71,7 +79,7 @@ static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64
     if (ly.fault == 2) throw std::runtime_error("fault injected into the sparse kernel");
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 0, out, counts, 0,
-                  s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out);
+                  s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, usage_row(s, ly, i));
     if (ly.fault == 3) out[0] = NAN;
   } catch (...) {
     failed = true;
@@ -90,7 +98,7 @@ static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64
   std::vector<int64_t> every(n);
   ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                 ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 1, out, every.data(), 0,
-                s->nthreads, 0, nullptr, nullptr, nullptr);  // the fail-safe is the original dense FFN
+                s->nthreads, 0, nullptr, nullptr, nullptr, nullptr);  // the fail-safe is the original dense FFN
   for (int64_t t = 0; t < n; ++t)
     if (code[t] != 0) {
       for (int64_t k = 0; k < hd; ++k) s->x[t * hd + k] += out[t * hd + k];
@@ -129,7 +137,7 @@ void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
     }
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, sparse ? 0 : 1, s->x, counts,
-                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out);
+                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, sparse ? usage_row(s, ly, i) : nullptr);
     if (!sparse) std::fill(counts, counts + n, -1);
   }
 }

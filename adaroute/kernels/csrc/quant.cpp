@@ -298,7 +298,8 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
 // the same policy, and only the selected units' down rows are read.
 void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const float* unit_bias, float threshold,
-                   int64_t min_units, int64_t max_units, float* y, int64_t* counts, int accumulate, int nthreads) {
+                   int64_t min_units, int64_t max_units, float* y, int64_t* counts, int accumulate, int nthreads,
+                   int64_t* usage) {
   std::vector<float> act(t_count * f), score(t_count * f);  // [T, F]: silu(g) u, and its score
 #pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
   for (int64_t i = 0; i < f; ++i) {
@@ -314,6 +315,7 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   std::vector<uint8_t> sel(t_count * f);
   for (int64_t t = 0; t < t_count; ++t)
     counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
+  add_usage(sel.data(), t_count, f, usage);
   gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
     for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
   });
@@ -332,15 +334,16 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
 // the next (the three rows side by side when unit-packed: one contiguous read per unit). Scores come
 // from the int4 shadow exactly as in ar_routed_ffn, or from exact gate/up when shadow_q is null
 // (qrouted_exact); all_units != 0 computes every unit (the dense pass in this layout).
-// counts [T]: units per token.
+// counts [T]: units per token; usage [F] (null: not counted) gets each token's selection added.
 void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                     const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const uint8_t* shadow_q,
                     const float* shadow_scale, int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
-                    int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads) {
+                    int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads,
+                    int64_t* usage) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
   if (!all_units && shadow_q == nullptr) {  // exact router: every gate/up row, then the chosen down rows
     qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units, y,
-                  counts, accumulate, nthreads);
+                  counts, accumulate, nthreads, usage);
     return;
   }
   if (!all_units) {
@@ -348,6 +351,7 @@ void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const
     ar_router_scores(x, t_count, h, f, shadow_q, shadow_scale, group_size, unit_bias, score.data(), nthreads);
     for (int64_t t = 0; t < t_count; ++t)
       counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
+    add_usage(sel.data(), t_count, f, usage);
   } else {
     for (int64_t t = 0; t < t_count; ++t) counts[t] = f;
   }

@@ -437,11 +437,12 @@ extern "C" {
 // scores and gathers together. Only when a min/max guard binds for some token is the selection
 // redone with the guards (which need every score first), and the pass corrected by the units the
 // guards added or dropped (or, when that is more work, thrown away and gathered again).
+// usage [F] (null: not counted): each token's final selection is added to it (not with all_units).
 void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const float* wg, const float* wu,
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale, int64_t group_size,
                    const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
                    int all_units, float* y, int64_t* counts, int accumulate, int nthreads, int64_t adapter_rank,
-                   const float* a_in, const float* a_units, const float* a_out) {
+                   const float* a_in, const float* a_units, const float* a_out, int64_t* usage) {
   const int nt = static_cast<int>(t_count);
   RoutedCall call{x, wg, wu, wd_t, shadow_scale, unit_bias, shadow_q, nt, h, ldw, f, h / 2,
                   h / std::max<int64_t>(group_size, 1), threshold, {}, {}, {}};
@@ -532,6 +533,7 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       y[c] = s;
     }
   }
+  if (!all_units) add_usage(call.mask.data(), nt, f, usage);  // the mask is final here, as counts are
 }
 
 // Router scores alone, [T, F] into out (group_size as for ar_routed_ffn).
