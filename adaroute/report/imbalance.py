@@ -3,7 +3,8 @@
 Shape legend: T = tokens, F = FFN units of a layer, L = routed layers, B = tokens in flight.
 
 Definitions (what the report prints):
-    unit use        share of tokens that selected a unit (0 = never, 1 = every token)
+    unit use        share of tokens that selected a unit (0 = never, 1 = every token):
+                    ``routing.stats.unit_use``, which the server's imbalance gauge shares
     Gini            of the units' use counts in a layer: 0 = every unit used equally, (F-1)/F = one
                     unit does all the work
     never           share of units no token selected; almost always: selected by >= ALMOST_ALWAYS
@@ -19,6 +20,8 @@ Definitions (what the report prints):
 from __future__ import annotations
 
 import torch
+
+from adaroute.routing.stats import unit_use
 
 ALMOST_ALWAYS = 0.95
 PERCENTILES = (10, 50, 90, 99)
@@ -46,7 +49,7 @@ def percentiles(values: torch.Tensor, ps=PERCENTILES) -> dict[str, float]:
 def layer_usage(mask: torch.Tensor) -> dict:
     """One layer's mask [T, F] -> use histogram, Gini, never / almost-always shares, token density."""
     tokens, units = mask.shape
-    use = mask.sum(dim=0).double() / tokens  # [F]
+    use = unit_use(mask.sum(dim=0), tokens)  # [F]
     hist = torch.histc(use, bins=USAGE_BINS, min=0.0, max=1.0)
     return {
         "density": float(use.mean()),

@@ -21,6 +21,20 @@ from torch import nn
 from adaroute.routing.routed_mlp import RoutedMLP
 
 
+def unit_use(counts: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Unit use [..., F]: the share of ``tokens`` tokens that selected each unit, from selection counts
+    [..., F] (0 = never, 1 = every token)."""
+    return counts.double() / tokens
+
+
+def use_imbalance(counts: torch.Tensor) -> torch.Tensor:
+    """Max over mean unit use per layer, from selection counts [..., F] -> [...]: 1 when every unit is
+    used equally, F when one unit does all the work; NaN where nothing was selected (nothing to measure).
+    The token count cancels, so counts over any number of tokens compare."""
+    use = unit_use(counts, 1)
+    return use.amax(-1) / use.mean(-1)
+
+
 class Collector(Protocol):
     def record(
         self, layer: int, scores: torch.Tensor | None, mask: torch.Tensor, soft: torch.Tensor | None

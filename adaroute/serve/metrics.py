@@ -3,16 +3,18 @@
 Names are a contract with the alert rules and dashboards (see docs/serving.md): change them there too.
 Every server builds its own registry (no module-level metric state, so tests can run several).
 
-Shape letters: L layers, n sequences in one decode step.
+Shape letters: L layers, n sequences in one decode step, F FFN units.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from adaroute.routing.stats import use_imbalance
 from adaroute.serve.scheduler import Finished
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
@@ -26,7 +28,10 @@ WINDOW_EVERY = 16  # steps between gauge updates
 
 
 class ServeMetrics:
-    def __init__(self, units: int, layers: int, max_queue: int):
+    """``usage``: the routed arm's unit-usage counter (``Engine.unit_usage`` [L, F]) that the imbalance
+    gauge reads; None leaves that gauge without values."""
+
+    def __init__(self, units: int, layers: int, max_queue: int, usage: torch.Tensor | None = None):
         self.registry = r = CollectorRegistry()
         p = "adaroute:"
         self.running = Gauge(p + "num_requests_running", "requests decoding", ["arm"], registry=r)
@@ -51,15 +56,19 @@ class ServeMetrics:
                                          registry=r)
         self.layer_density = Gauge(p + "layer_density", "routed arm: density per layer over the last "
                                    f"{WINDOW_STEPS} decode steps", ["layer"], registry=r)
+        self.layer_imbalance = Gauge(p + "layer_unit_imbalance", "routed arm: max over mean unit use per layer "
+                                     f"over the last {WINDOW_STEPS} decode steps", ["layer"], registry=r)
         self.decode_steps = Counter(p + "decode_steps", "decode steps by kernel path", ["path"], registry=r)
         self._window = _LayerWindow(layers, units, self.layer_density)
+        self._usage = _UsageWindow(usage, self.layer_imbalance) if usage is not None else None
 
     def on_step(self, arm: str, units: torch.Tensor) -> None:
         """Engine thread, once per decode step: units [L, n], -1 where a layer ran dense."""
         sparse = bool((units >= 0).any())
         self.decode_steps.labels("sparse" if sparse else "dense").inc()
         if arm == "routed":
-            self._window.add(units)
+            if self._window.add(units) and self._usage is not None:
+                self._usage.update()
 
     def on_finished(self, arm: str, prompt_tokens: int, fin: Finished) -> None:
         self.prompt_tokens.labels(arm).inc(prompt_tokens)
@@ -86,7 +95,8 @@ class _LayerWindow:
         self.steps: collections.deque[tuple[torch.Tensor, int]] = collections.deque()
         self.total, self.tokens, self.since = torch.zeros(layers, dtype=torch.float64), 0, 0
 
-    def add(self, units: torch.Tensor) -> None:
+    def add(self, units: torch.Tensor) -> bool:
+        """Adds one step; True on the steps the gauges are updated (every WINDOW_EVERY)."""
         u = torch.where(units < 0, self.units, units).sum(1).to(torch.float64)  # [L]
         self.steps.append((u, units.shape[1]))
         self.total += u
@@ -96,7 +106,30 @@ class _LayerWindow:
             self.total -= old
             self.tokens -= n
         self.since += 1
-        if self.since >= WINDOW_EVERY:
-            self.since = 0
-            for i, d in enumerate((self.total / (self.tokens * self.units)).tolist()):
-                self.gauge.labels(str(i)).set(d)
+        if self.since < WINDOW_EVERY:
+            return False
+        self.since = 0
+        for i, d in enumerate((self.total / (self.tokens * self.units)).tolist()):
+            self.gauge.labels(str(i)).set(d)
+        return True
+
+
+class _UsageWindow:
+    """Per-layer unit-use imbalance (``routing.stats.use_imbalance``) of the routed arm's selections
+    over the same window as ``_LayerWindow``: a snapshot of the engine's cumulative counter at each
+    gauge update, the window being the newest minus the one WINDOW_STEPS steps older, so only an
+    update costs O(L * F). A layer that selected nothing in the window (a dense layer, or one that
+    ran dense throughout) has no value: nothing was routed to measure."""
+
+    def __init__(self, usage: torch.Tensor, gauge: Gauge):
+        self.usage, self.gauge = usage, gauge
+        self.snapshots = collections.deque([usage.clone()], maxlen=WINDOW_STEPS // WINDOW_EVERY + 1)  # of [L, F]
+
+    def update(self) -> None:
+        self.snapshots.append(self.usage.clone())
+        window = self.snapshots[-1] - self.snapshots[0]  # [L, F]: selections over the window
+        for i, ratio in enumerate(use_imbalance(window).tolist()):
+            if math.isnan(ratio):
+                self.gauge.remove(str(i))
+            else:
+                self.gauge.labels(str(i)).set(ratio)

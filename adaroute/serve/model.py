@@ -38,6 +38,7 @@ class ServedModel:
         self.engines = {"dense": Engine(weights, policy=ExecutionPolicy.always_dense())}
         if weights.routed:
             self.engines["routed"] = Engine(weights)
+            self.engines["routed"].start_unit_usage()  # for the metrics' per-layer unit-use imbalance
         self.stop_tokens = stop_tokens_for(tokenizer, model)
         self.identity = _identity(model, name, source, weights.routed)
 

@@ -117,7 +117,8 @@ class Service:
         self.model_names = {model.name, *model.aliases}
         self.started = time.time()
         first = next(iter(model.engines.values())).w
-        self.metrics = ServeMetrics(first.layers[0].ffn.w_gate.shape[0], len(first.layers), config.max_queue)
+        usage = model.engines["routed"].unit_usage if "routed" in model.engines else None
+        self.metrics = ServeMetrics(first.layers[0].ffn.w_gate.shape[0], len(first.layers), config.max_queue, usage)
         self.audit = AuditLog(config.audit) if config.audit else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.scheduler = Scheduler(model.engines, model.stop_tokens, config.max_batch, config.max_queue,
