@@ -119,16 +119,22 @@ class _UsageWindow:
     over the same window as ``_LayerWindow``: a snapshot of the engine's cumulative counter at each
     gauge update, the window being the newest minus the one WINDOW_STEPS steps older, so only an
     update costs O(L * F). A layer that selected nothing in the window (a dense layer, or one that
-    ran dense throughout) has no value: nothing was routed to measure."""
+    ran dense throughout) has no value: nothing was routed to measure.
+
+    Snapshots are NumPy copies and the ratio is taken one layer at a time: a [L, F] torch op is split
+    over the intra-op threads, and on a machine busier than its cores each such split waits milliseconds
+    on a descheduled thread (8 ms per op measured at two threads, load 3); an [F] op and NumPy stay on
+    this thread."""
 
     def __init__(self, usage: torch.Tensor, gauge: Gauge):
         self.usage, self.gauge = usage, gauge
-        self.snapshots = collections.deque([usage.clone()], maxlen=WINDOW_STEPS // WINDOW_EVERY + 1)  # of [L, F]
+        self.snapshots = collections.deque([usage.numpy().copy()], maxlen=WINDOW_STEPS // WINDOW_EVERY + 1)
 
     def update(self) -> None:
-        self.snapshots.append(self.usage.clone())
-        window = self.snapshots[-1] - self.snapshots[0]  # [L, F]: selections over the window
-        for i, ratio in enumerate(use_imbalance(window).tolist()):
+        self.snapshots.append(self.usage.numpy().copy())
+        window = torch.from_numpy(self.snapshots[-1] - self.snapshots[0])  # [L, F]: selections over the window
+        for i, counts in enumerate(window):
+            ratio = float(use_imbalance(counts))
             if math.isnan(ratio):
                 self.gauge.remove(str(i))
             else:
