@@ -4,7 +4,7 @@ guards) to a usage counter [F], as ``reference.add_usage`` defines it."""
 import pytest
 import torch
 
-from adaroute.kernels import cpu, quant_cpu, reference
+from adaroute.kernels import cpu, get_kernel, known_kernels, quant_cpu, reference
 from adaroute.kernels import quant_reference as qr
 from tests.kernels.test_kernels import F, H, gap_threshold, routed_tensors
 
@@ -23,15 +23,16 @@ def start_counts(seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("tokens", [1, 3, 6])
 @pytest.mark.parametrize(("min_units", "max_units"), [(0, F), (30, F), (0, 7), (30, 20)])
-def test_cpu_usage_adds_the_reference_selection(tokens, min_units, max_units):
-    """Threshold only, and guards that bind (the kernel's correction pass): usage += mask.sum(0)."""
+def test_every_kernel_adds_the_reference_selection(tokens, min_units, max_units):
+    """Threshold only, and guards that bind (the CPU kernel's correction pass): usage += mask.sum(0), for
+    every registered kernel (CPU tensors: the Triton kernel's PyTorch path where it has no GPU)."""
     t = routed_tensors(tokens)
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens + 1))
     scores = reference.router_scores(x, *(t[k] for k in ROUTER))
     threshold = gap_threshold(scores, 0.3)
     mask = reference.select_units(scores, threshold, min_units, max_units)  # [T, F]
     args = (x, t["w_gate"], t["w_up"], t["w_down_t"], *(t[k] for k in ROUTER), threshold, min_units, max_units)
-    for kernel in (cpu, reference):
+    for kernel in map(get_kernel, known_kernels()):
         usage = start_counts(tokens)
         expect = usage + mask.sum(0)
         _, counts = kernel.routed_ffn(*args, usage=usage)
