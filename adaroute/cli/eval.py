@@ -111,9 +111,9 @@ def _print(payload: dict, routed: bool) -> None:
         upt = r.get("units_per_token") or {}
         print(f"{r['data']}: mean density {r['mean_density']:.3f}, FFN bytes share {r['ffn_bytes_share']:.3f} "
               f"(router {r['router_bytes_share']:.3f}), FFN FLOPs share {r['ffn_flops_share']:.3f}, "
-              f"units/token {_summary(upt)}")
+              f"units/token share {_summary(upt)}")
 
 
 def _summary(dist: dict) -> str:
     keys = [k for k in ("mean", "std", "p5", "p50", "p95") if k in dist]
-    return ", ".join(f"{k} {dist[k]:.0f}" for k in keys) if keys else "n/a"
+    return ", ".join(f"{k} {dist[k]:.3f}" for k in keys) if keys else "n/a"  # shares of the layer's units
