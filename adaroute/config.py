@@ -104,6 +104,7 @@ class TrainConfig:
     distill_lr:         learning rate in distillation (router scales relative to their size, biases as is).
     distill_window:     tokens per distillation window.
     distill_tokens:     calibration tokens the distillation windows are drawn from (at random, seeded).
+    distill_generated:  tokens of the dense model's own samples added to that pool (training.selfgen; 0 = none).
     adapt_rank:         rank of the routing adapters trained with the routers in distillation (0 = none).
     adapt_lr:           learning rate of the adapters.
     checkpoint_every:   distillation steps between checkpoints (an interrupted conversion resumes there).
@@ -125,6 +126,7 @@ class TrainConfig:
     distill_lr: float = 1e-3
     distill_window: int = 256
     distill_tokens: int = 65536
+    distill_generated: int = 0
     adapt_rank: int = 0
     adapt_lr: float = 1e-3
     checkpoint_every: int = 25
@@ -134,7 +136,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.calib_tokens >= 64, "calib_tokens", f"must be >= 64, got {self.calib_tokens}")
         _check(self.window >= 8, "window", f"must be >= 8, got {self.window}")
-        for f in ("ranking_steps", "distill_steps", "adapt_rank"):
+        for f in ("ranking_steps", "distill_steps", "adapt_rank", "distill_generated"):
             _check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         for f in ("ranking_batch", "distill_batch", "sensitivity_tokens", "checkpoint_every"):
             _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")

@@ -28,6 +28,7 @@ from adaroute.routing.stats import RoutingStats
 from adaroute.training.capture import capture_inputs, fisher_gradients, token_windows
 from adaroute.training.distill import distill
 from adaroute.training.losses import oracle_rate
+from adaroute.training.selfgen import sample_windows
 from adaroute.training.ranking import FitTerms, contribution_energy, fit_layer, hard_dropped_energy
 from adaroute.training.sensitivity import DEFAULT_GRID, cost_table
 
@@ -199,6 +200,9 @@ def _distill(model, tokenizer, texts, mods, inputs, densities, train: TrainConfi
                 m.add_adapter(train.adapt_rank, gen)
     limit = getattr(model.config, "max_position_embeddings", None) or train.distill_window
     windows = token_windows(tokenizer, texts, min(train.distill_window, limit), train.distill_tokens)  # [B, W]
+    if train.distill_generated:
+        own = sample_windows(model, tokenizer, mods, train.distill_generated, windows.shape[1], train.seed)
+        windows = torch.cat([windows, own])  # [B + B', W]
     return distill(model, mods, windows, targets, train, checkpoint)
 
 
