@@ -25,8 +25,9 @@ BATCH = 16  # sequences generated together
 
 
 @torch.no_grad()
-def sample_windows(model: nn.Module, tokenizer, mods: list[RoutedMLP], tokens: int, window: int,
-                   seed: int) -> torch.Tensor:
+def sample_windows(
+    model: nn.Module, tokenizer, mods: list[RoutedMLP], tokens: int, window: int, seed: int
+) -> torch.Tensor:
     """About ``tokens`` tokens of the dense model's own text as windows [B, W] (whole windows,
     at least one); deterministic for a seed on a given machine."""
     count = max(1, tokens // window)

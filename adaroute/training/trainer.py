@@ -28,8 +28,8 @@ from adaroute.routing.stats import RoutingStats
 from adaroute.training.capture import capture_inputs, fisher_gradients, token_windows
 from adaroute.training.distill import distill
 from adaroute.training.losses import oracle_rate
-from adaroute.training.selfgen import sample_windows
 from adaroute.training.ranking import FitTerms, contribution_energy, fit_layer, hard_dropped_energy
+from adaroute.training.selfgen import sample_windows
 from adaroute.training.sensitivity import DEFAULT_GRID, cost_table
 
 

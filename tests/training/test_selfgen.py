@@ -34,8 +34,8 @@ def test_samples_follow_the_dense_model_greedily_then_sample():
     with torch.no_grad():
         logits = dense(input_ids=seqs).logits  # [2, 40, V]
     greedy = logits.argmax(-1)[:, :-1]  # the dense model's choice for position i + 1
-    assert torch.equal(seqs[:, 1:GREEDY_STEPS + 1], greedy[:, :GREEDY_STEPS])  # the greedy start, cached == full
-    assert not torch.equal(seqs[:, GREEDY_STEPS + 1:], greedy[:, GREEDY_STEPS:])  # then sampled
+    assert torch.equal(seqs[:, 1 : GREEDY_STEPS + 1], greedy[:, :GREEDY_STEPS])  # the greedy start, cached == full
+    assert not torch.equal(seqs[:, GREEDY_STEPS + 1 :], greedy[:, GREEDY_STEPS:])  # then sampled
 
 
 def test_generated_windows_join_the_distillation_pool(monkeypatch):
