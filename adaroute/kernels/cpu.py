@@ -66,6 +66,27 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def release_openmp_workers() -> bool:
+    """Ends the OpenMP worker threads that the calling thread's parallel regions started.
+
+    libgomp gives every thread that opens a parallel region its own pool of workers. Idle workers
+    spin between regions, so the next one starts at once, but only while libgomp manages no more
+    threads than there are CPUs; beyond that they sleep after a few hundred spins and every region
+    (a decode step opens about a hundred) waits for a wake-up. A server loads its model on one thread
+    and decodes on another, which makes two pools: on 2 cores that cost a fifth of decode speed
+    (83 -> 63 tok/s, the same engine on a second thread; docs/perf.md). A thread that has finished its
+    torch work calls this (OpenMP 5's omp_pause_resource_all, which libgomp implements for the
+    calling thread's pool); a later parallel region on it starts a new pool. Returns False where the
+    OpenMP runtime has no such call (then nothing changes).
+    """
+    lib = _lib()
+    pause = getattr(lib, "omp_pause_resource_all", None) if lib is not None else None
+    if pause is None:
+        return False
+    pause.argtypes, pause.restype = [_I32], _I32
+    return pause(1) == 0  # omp_pause_soft
+
+
 def is_available() -> bool:
     return _lib() is not None
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adaroute.kernels import cpu
 from adaroute.runtime import Engine, SamplingConfig, next_tokens
 from adaroute.runtime.failsafe import REASONS
 from adaroute.serve.slots import SlotCache
@@ -113,6 +114,10 @@ class Scheduler:
 
     # -- called from other threads -------------------------------------------------------------
     def start(self) -> None:
+        """Starts the engine thread; call it from the thread that built the engines, once that thread's
+        torch work is done: its OpenMP workers are released so that only the engine thread's remain
+        (kernels.cpu.release_openmp_workers says why that matters)."""
+        cpu.release_openmp_workers()
         self._thread.start()
 
     def submit(self, req: GenRequest) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adaroute.kernels import cpu
 from adaroute.runtime import Engine, ExecutionPolicy, ModelWeights
 
 log = logging.getLogger("adaroute.serve")
@@ -128,5 +129,7 @@ class ShadowQueue:
                 self.failed += 1
                 log.exception("shadow re-scoring of request %s failed", job.request_id)
                 continue
+            finally:  # one pool of OpenMP workers in the process, the engine thread's, while it waits
+                cpu.release_openmp_workers()
             self.done += 1
             self.on_result(result)
