@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import ipaddress
 import json
 import socket
@@ -96,14 +97,24 @@ async def phase(url: str, model: str, arm: str | None, n: int, concurrency: int,
 
 def timed_stream(url: str, endpoint: str, body: dict, timeout: float = 600) -> tuple[int, float]:
     """Stream one request (``body`` without ``stream``) -> (completion tokens, seconds from the first
-    text chunk to the last). Completions carry text in ``choices[].text``, chat in ``delta.content``."""
+    text chunk to the last). Completions carry text in ``choices[].text``, chat in ``delta.content``.
+
+    Timing a server on the machine it runs on, the client's own CPU time per chunk competes with the
+    server's compute threads, so this reader is the standard library's (``http.client``, about half
+    the CPU per chunk of httpx's line iterator, measured with benchmarks/serve_overhead.py)."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     first = last = None
     tokens = 0
-    with httpx.stream("POST", url + endpoint, json=body, timeout=timeout) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    target = urlparse(url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=timeout)
+    try:
+        conn.request("POST", target.path.rstrip("/") + endpoint, json.dumps(body),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"{endpoint}: HTTP {r.status}: {r.read()[:200]!r}")
+        while line := r.readline():
+            if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -111,6 +122,8 @@ def timed_stream(url: str, endpoint: str, body: dict, timeout: float = 600) -> t
             if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
                 last = time.perf_counter()
                 first = first or last
+    finally:
+        conn.close()
     return tokens, (last - first) if first and last else 0.0
 
 
