@@ -36,6 +36,7 @@ VARIANTS = {
     "adapters-no-terms": dict(z_loss=0.0, usage_loss=0.0),
     "rank8": dict(adapt_rank=8),
     "rank32": dict(adapt_rank=32),
+    "adapters-selfgen": dict(distill_generated=16384),  # + 16k tokens the dense model sampled itself
 }
 
 

@@ -1,0 +1,82 @@
+"""What one runtime feature costs in decode: the same routed model with the feature on and off,
+alternating whole greedy generations through the runtime's generate loop (as `adaroute bench` times them).
+
+    python benchmarks/engine_ab.py --routed DIR --feature adapters|failsafe|usage [--rounds 5]
+        [--new-tokens 128] [--json out/engine_ab-FEATURE.json]
+
+Features: ``adapters`` the routing adapters a routed directory stores (off: the same weights and
+routers without them; the selection does not depend on them, so both read the same units);
+``failsafe`` the per-token dense fail-safe; ``usage`` the unit-usage counter behind the server's
+imbalance gauge. Both engines share one copy of the weights. The first round is a warm-up; the
+table gives medians over the rest and the median of each round's on/off ratio, which a machine shared
+with other jobs still measures fairly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from adaroute import load_model
+from adaroute.cli.common import thread_count
+from adaroute.eval.bench import bench_prompts
+from adaroute.runtime import Engine, ModelWeights, generate
+from adaroute.runtime.weights import RoutedFFN, from_model
+
+
+def without_adapters(w: ModelWeights) -> ModelWeights:
+    """The same tensors, every routed layer's adapter dropped."""
+    layers = [dataclasses.replace(ly, ffn=dataclasses.replace(ly.ffn, adapter=None))
+              if isinstance(ly.ffn, RoutedFFN) else ly for ly in w.layers]
+    return dataclasses.replace(w, layers=layers)
+
+
+def engines(feature: str, w: ModelWeights) -> dict[str, Engine]:
+    on, off = Engine(w), Engine(w)
+    if feature == "adapters":
+        if not any(isinstance(ly.ffn, RoutedFFN) and ly.ffn.adapter is not None for ly in w.layers):
+            raise SystemExit("engine_ab: this model has no routing adapters (convert without --no-adapt)")
+        off = Engine(without_adapters(w))
+    elif feature == "failsafe":
+        off.failsafe = None
+    else:
+        on.start_unit_usage()
+    return {"on": on, "off": off}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--routed", required=True)
+    ap.add_argument("--feature", required=True, choices=["adapters", "failsafe", "usage"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(thread_count())
+    model, tokenizer = load_model(args.routed)
+    pair = engines(args.feature, from_model(model))
+    prompt = bench_prompts(tokenizer, 1, 64)[0]
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(args.rounds):
+        for mode, engine in pair.items():
+            out = generate(engine, [prompt], args.new_tokens)
+            rates[mode].append(len(out.step_s) / sum(out.step_s))
+    ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)][1:]
+    summary = {"median": {k: statistics.median(v[1:] or v) for k, v in rates.items()},
+               "pair_ratio_median": statistics.median(ratios or [float("nan")])}
+    for k, v in rates.items():
+        print(f"{args.feature} {k:>3}: {summary['median'][k]:6.1f} tok/s  rounds {[round(x, 1) for x in v]}")
+    print(f"on / off per round: {[round(r, 3) for r in ratios]}  median {summary['pair_ratio_median']:.3f}")
+    out = Path(args.json or f"out/engine_ab-{args.feature}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"feature": args.feature, "rates": rates, **summary,
+                               "threads": torch.get_num_threads()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
