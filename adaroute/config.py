@@ -105,6 +105,9 @@ class TrainConfig:
     distill_window:     tokens per distillation window.
     distill_tokens:     calibration tokens the distillation windows are drawn from (at random, seeded).
     distill_generated:  tokens of the dense model's own samples added to that pool (training.selfgen; 0 = none).
+    distill_density:    routers and adapters are distilled at this share of the target density (1 = at the
+                        target); thresholds are calibrated at the target afterwards. Below 1 the adapters learn
+                        to make up for more missing units than serving leaves out (docs/routing.md).
     adapt_rank:         rank of the routing adapters trained with the routers in distillation (0 = none).
     adapt_lr:           learning rate of the adapters.
     checkpoint_every:   distillation steps between checkpoints (an interrupted conversion resumes there).
@@ -127,6 +130,7 @@ class TrainConfig:
     distill_window: int = 256
     distill_tokens: int = 65536
     distill_generated: int = 0
+    distill_density: float = 1.0
     adapt_rank: int = 0
     adapt_lr: float = 1e-3
     checkpoint_every: int = 25
@@ -145,6 +149,7 @@ class TrainConfig:
                f"must be >= distill_window ({self.distill_window}), got {self.distill_tokens}")
         for f in ("lr", "distill_lr", "adapt_lr", "tau"):
             _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
+        _check(0.0 < self.distill_density <= 1.0, "distill_density", f"must be in (0, 1], got {self.distill_density}")
         _check(self.shadow_fit in ("gptq", "rtn"), "shadow_fit", f"must be 'gptq' or 'rtn', got {self.shadow_fit!r}")
         for f in ("z_loss", "usage_loss"):
             _check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")

@@ -9,6 +9,7 @@ Shape legend: N = captured tokens, H = hidden size, F = FFN units, L = routed la
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,7 +113,10 @@ def finish_routers(model, tokenizer, texts, mods, routing: RoutingConfig, train:
     distill_loss: list[float] = []
     if train.distill_steps:
         with clock("distill"):
-            distill_loss = _distill(model, tokenizer, texts, mods, inputs, densities, train, checkpoint)
+            harder = _distill_densities(costs, routing, train, len(mods))
+            if harder != densities:
+                calibrate(mods, inputs, harder, costs, routing)
+            distill_loss = _distill(model, tokenizer, texts, mods, inputs, harder, train, checkpoint)
             stats = calibrate(mods, inputs, densities, costs, routing)  # scores moved: hit the densities again
     return TrainReport(
         layer_density=densities,
@@ -171,6 +175,13 @@ def _allocate(costs: torch.Tensor, routing: RoutingConfig, layers: int) -> list[
         return [routing.density] * layers
     grid = torch.tensor(DEFAULT_GRID, dtype=torch.float64)
     return allocate_densities(grid, costs, routing.density, routing.layer_min_density, routing.layer_max_density)
+
+
+def _distill_densities(costs: torch.Tensor, routing: RoutingConfig, train: TrainConfig, layers: int) -> list[float]:
+    """Per-layer densities distillation runs at: the allocation for ``distill_density`` x the target."""
+    target = routing.density * train.distill_density
+    harder = dataclasses.replace(routing, density=target, layer_min_density=min(routing.layer_min_density, target))
+    return _allocate(costs, harder, layers)
 
 
 def _holdout_split(n: int) -> int:

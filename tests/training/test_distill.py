@@ -81,3 +81,23 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
     _, fresh, _ = adapted()
     assert len(report.distill_loss) == 4
     assert all(torch.equal(x, y) for x, y in zip(trainable_state(fresh), trainable_state(mods), strict=True))
+
+
+def test_distillation_at_a_share_of_the_target_density_ends_calibrated_at_the_target(monkeypatch):
+    from adaroute.training import trainer
+
+    seen = []
+    real = trainer._distill
+
+    def spy(model, tokenizer, texts, mods, inputs, densities, *args):
+        seen.append(list(densities))
+        return real(model, tokenizer, texts, mods, inputs, densities, *args)
+
+    monkeypatch.setattr(trainer, "_distill", spy)
+    _, _, at_target = adapted()
+    _, mods, harder = adapted(train=TrainConfig(**{**ADAPT.to_dict(), "distill_density": 0.6}))
+    assert seen[0] == at_target.layer_density  # the default distils at the target's allocation
+    assert sum(seen[1]) / len(seen[1]) < sum(seen[0]) / len(seen[0]) - 0.1  # here at a lower one
+    assert harder.layer_density == at_target.layer_density  # and then serves the target's
+    assert abs(harder.calib_stats["mean_density"] - 0.5) < 0.01
+    assert all(m.adapter is not None for m in mods if not m.is_dense)
