@@ -94,5 +94,7 @@ def _budget_line(train) -> str:
         adapters = f", rank-{train.adapt_rank} adapters" if train.adapt_rank else ""
         stages += f", {train.distill_steps} distillation steps of {train.distill_batch} x {train.distill_window} tokens"
         stages += adapters
+        if train.distill_density < 1.0:
+            stages += f" (distilled at {train.distill_density:g}x the density)"
     return (f"preset {train.name}: {stages}; budget {PRESET_BUDGET_MINUTES[train.name]} min on 2 idle CPU cores "
             "(longer on a busy machine)")
