@@ -30,9 +30,12 @@ def dash(tiny_routed_dir):
 
 def complete(server, arm: str | None, tokens: int = 16) -> None:
     """One completion; ``arm`` None lets the server (its rollout) choose."""
-    body = {"model": "tiny-routed", "prompt": "def f(x):", "max_tokens": tokens} | ({"arm": arm} if arm else {})
+    # greedy: a sampled answer may stop early, before the per-layer window has published
+    body = {"model": "tiny-routed", "prompt": "def f(x):", "max_tokens": tokens, "temperature": 0} | (
+        {"arm": arm} if arm else {})
     r = httpx.post(server.url + "/v1/completions", timeout=60, json=body)
     assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == tokens, "the tiny model stopped early: choose another prompt"
 
 
 def test_admin_key_guards_page_and_data(dash):
