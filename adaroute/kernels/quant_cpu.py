@@ -19,6 +19,12 @@ from adaroute.kernels import quant_reference as qr
 from adaroute.kernels.quant_reference import BLOCK, QuantWeight
 
 FMT_CODES = {"f32": 0, "q8_0": 1, "q4_0": 2, "q4_1": 3}  # csrc/quant.cpp's Fmt
+G16 = 16  # csrc/quant.cpp's kG16: added to a format code for a weight in the g16 layout
+
+
+def fmt_code(w: QuantWeight) -> int:
+    """The kernels' code for a weight's format and layout."""
+    return FMT_CODES[w.fmt] + (G16 if w.layout == "g16" else 0)
 SLICE = 64  # tokens per call: kMaxTokens on the C side
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -62,7 +68,7 @@ def linear_multi(x: torch.Tensor, ws: list[QuantWeight]) -> torch.Tensor:
 
 
 def gate_up_silu(x: torch.Tensor, w_gate: QuantWeight, w_up: QuantWeight) -> torch.Tensor:
-    if not _ok(x):
+    if not _ok(x) or w_gate.layout != w_up.layout:
         return torch.nn.functional.silu(qr.linear(x, w_gate)) * qr.linear(x, w_up)
     t, k = x.shape
     f = w_gate.shape[0]
@@ -70,7 +76,7 @@ def gate_up_silu(x: torch.Tensor, w_gate: QuantWeight, w_up: QuantWeight) -> tor
     for t0 in range(0, t, SLICE):
         xs, hs = x[t0:t0 + SLICE], h[t0:t0 + SLICE]
         _lib().ar_qgate_up_silu(xs.data_ptr(), xs.shape[0], k, w_gate.data_ptr(), w_up.data_ptr(),
-                                FMT_CODES[w_gate.fmt], FMT_CODES[w_up.fmt], f, hs.data_ptr(), torch.get_num_threads())
+                                fmt_code(w_gate), fmt_code(w_up), f, hs.data_ptr(), torch.get_num_threads())
     return h
 
 
@@ -85,7 +91,7 @@ def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | N
     n = len(ws)
     ptrs = (ctypes.c_void_p * n)(*[w.data_ptr() for w in ws])
     counts = (ctypes.c_int64 * n)(*rows)
-    fmts = (ctypes.c_int64 * n)(*[FMT_CODES[w.fmt] for w in ws])
+    fmts = (ctypes.c_int64 * n)(*[fmt_code(w) for w in ws])
     for t0 in range(0, t, SLICE):
         xs, ys = x[t0:t0 + SLICE], y[t0:t0 + SLICE]
         _lib().ar_qlinear(xs.data_ptr(), xs.shape[0], k, n, ptrs, counts, fmts, ys.data_ptr(), y.shape[1],
@@ -98,7 +104,7 @@ def _unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) 
     three contiguous tensors of one format), else None. Gate and up share a format; the down rows
     may have their own (q8_0 under 4-bit gate/up)."""
     ws = (w_gate, w_up, w_down_t)
-    if w_gate.fmt != w_up.fmt or any(w.data.stride(1) != 1 for w in ws):
+    if w_gate.fmt != w_up.fmt or any(w.data.stride(1) != 1 or w.layout != "rows" for w in ws):
         return None
     strides = {w.data.stride(0) for w in ws}
     return strides.pop() if len(strides) == 1 else None

@@ -1,6 +1,6 @@
 """The one-call decode step for models with block-quantised projections (``ar_qdecode_layers`` in
 ``adaroute/kernels/csrc/quant.cpp``): the same layer sequence as ``FusedDecoder``, every product
-an int8 x blocks GEMV.
+a float32 x blocks GEMV.
 
 ``fused_decoder(weights)`` picks the decoder that fits a model's weights (or None: the engine then
 runs its Python path, which dispatches quantised weights to the same kernels one call at a time).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 
 from adaroute.kernels import cpu
-from adaroute.kernels.quant_cpu import FMT_CODES
+from adaroute.kernels.quant_cpu import fmt_code
 from adaroute.kernels.quant_reference import is_quant
 from adaroute.runtime.fused_cpu import ArStep, FusedDecoder, _plain
 from adaroute.runtime.weights import DenseFFN, ModelWeights
@@ -52,7 +52,7 @@ class QuantDecoder(FusedDecoder):
             c.attn_norm, c.mlp_norm = ly.attn_norm.data_ptr(), ly.mlp_norm.data_ptr()
             for name, m in zip(_MATRICES, mats, strict=True):
                 setattr(c, name, m.data_ptr())
-            c.fq, c.fk, c.fv, c.fo, c.fg, c.fu, c.fd = (FMT_CODES[m.fmt] for m in mats)
+            c.fq, c.fk, c.fv, c.fo, c.fg, c.fu, c.fd = (fmt_code(m) for m in mats)
             c.q_rows, c.kv_rows, c.units = ly.wq.shape[0], ly.wk.shape[0], ly.ffn.w_gate.shape[0]
 
     @classmethod
@@ -62,7 +62,8 @@ class QuantDecoder(FusedDecoder):
             return None
         first = w.layers[0]
         for ly in w.layers:
-            if not isinstance(ly.ffn, DenseFFN) or not all(map(is_quant, _matrices(ly))):
+            if not isinstance(ly.ffn, DenseFFN) or not all(map(is_quant, _matrices(ly))) \
+                    or ly.ffn.w_gate.layout != ly.ffn.w_up.layout:
                 return None  # routed or mixed layers: the engine's Python path
             if (ly.ffn.w_gate.shape, ly.wq.shape, ly.wk.shape) != (first.ffn.w_gate.shape, first.wq.shape,
                                                                     first.wk.shape):

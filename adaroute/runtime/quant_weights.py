@@ -4,7 +4,8 @@ Shape letters:
     H  hidden    F  FFN units    V  vocabulary    Q  query heads    K  key/value heads    D  head dim
 
 No float32 copy of a quantised matrix is ever made (a q4 model needs about the file's size in
-memory): each Q8_0/Q4_0/Q4_1 tensor becomes a ``QuantWeight`` over a copy of its bytes, float
+memory): each Q8_0/Q4_0/Q4_1 tensor becomes a ``QuantWeight`` over a copy of its bytes (permuted into
+the kernels' g16 layout, ``quant_reference.pack16``), float
 tensors (the norms) become float32 tensors, and the embedding is looked up row by row from its
 blocks. The configuration comes from the file's header; the RoPE table from the family's own
 transformers rotary module built from that configuration.
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from adaroute.errors import AdarouteError
-from adaroute.kernels.quant_reference import GGML_NAMES, QuantWeight
+from adaroute.kernels.quant_reference import GGML_NAMES, QuantWeight, pack16
 from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, _rope_table
 
 _QUANT = {v: k for k, v in GGML_NAMES.items()}  # GGML type name -> our format name
@@ -117,7 +118,7 @@ def _tensor(file: np.ndarray, name: str, dims: tuple[int, ...], kind: int, offse
     if ggml.name not in _QUANT:
         raise AdarouteError(f"tensor {name} is {ggml.name}; the runtime reads F32, F16, BF16, Q8_0, Q4_0 and "
                             "Q4_1 (re-export the GGUF with one of those)")
-    return QuantWeight(torch.from_numpy(np.array(data)), _QUANT[ggml.name], cols)
+    return pack16(QuantWeight(torch.from_numpy(np.array(data)), _QUANT[ggml.name], cols))
 
 
 def _unpermute(rows: int, heads: int) -> np.ndarray:
@@ -163,7 +164,7 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
         if isinstance(t, QuantWeight):
             return t
         if t.data_ptr() not in done:
-            done[t.data_ptr()] = quantize(t, to)
+            done[t.data_ptr()] = pack16(quantize(t, to))
         return done[t.data_ptr()]
 
     def ffn(f):

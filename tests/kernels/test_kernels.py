@@ -150,6 +150,13 @@ for h in (64, 160):
     s_ref = reference.router_scores(xx, tt["shadow_q"], tt["shadow_scale"], tt["unit_bias"])
     s = cpu.router_scores(xx, tt["shadow_q"], tt["shadow_scale"], tt["unit_bias"])
     assert torch.allclose(s, s_ref, rtol=1e-4, atol=1e-4), (s - s_ref).abs().max()
+from adaroute.kernels import quant_cpu, quant_reference as qr
+for fmt in qr.FORMATS:  # block-quantised products, GGUF's row layout and g16 (int16 activations)
+    wq = qr.quantize(torch.randn(40, 64), fmt)
+    for ww in (wq, qr.pack16(wq)):
+        expect = qr.linear(x, ww)
+        got = quant_cpu.linear(x, ww)
+        assert torch.allclose(got, expect, rtol=1e-4, atol=1e-4 * float(expect.abs().max())), (fmt, ww.layout)
 print("native" if cpu.uses_native() else "fallback")
 """
 

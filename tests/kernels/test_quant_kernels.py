@@ -1,8 +1,9 @@
-"""Compiled block-quantised products against ``quant_reference`` on random and real blocks.
+"""Compiled block-quantised products against ``quant_reference`` on random and real blocks, in both
+layouts (GGUF's rows, and g16 with int16 activations).
 
-Tolerance: both compute x @ dequantize(w)^T in float32, summed in another order (16 lanes, four
-accumulators, fused multiply-adds), so they agree to float rounding: 1e-5 relative to the output's
-magnitude."""
+Tolerance: both compute the reference's product (float32 activations for rows, the same int16
+rounding for g16) summed in another order (16 lanes, several accumulators, fused multiply-adds), so
+they agree to float rounding: 1e-5 relative to the output's magnitude."""
 
 import gguf
 import numpy as np
@@ -23,11 +24,13 @@ def close(a: torch.Tensor, b: torch.Tensor):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("layout", ["rows", "g16"])
 @pytest.mark.parametrize("fmt", qr.FORMATS)
 @pytest.mark.parametrize("tokens", [1, 2, 5, 9, 70])
-def test_linear_matches_reference(fmt, tokens):
+def test_linear_matches_reference(fmt, tokens, layout):
     g = torch.Generator().manual_seed(tokens)
-    w = qr.quantize(torch.randn(77, 96, generator=g) * 0.1, fmt)
+    w = qr.quantize(torch.randn(77, 96, generator=g) * 0.1, fmt)  # 77 rows: a padded last group
+    w = qr.pack16(w) if layout == "g16" else w
     x = torch.randn(tokens, 96, generator=g)
     x[0, :32] = 0  # an all-zero block: scale 0, codes 0
     close(quant_cpu.linear(x, w), qr.linear(x, w))
@@ -37,14 +40,15 @@ def test_linear_matches_reference(fmt, tokens):
     close(res, expect)
 
 
+@pytest.mark.parametrize("pack", [lambda w: w, qr.pack16])
 @pytest.mark.parametrize("tokens", [1, 4])
-def test_multi_and_ffn_match_reference(tokens):
+def test_multi_and_ffn_match_reference(tokens, pack):
     g = torch.Generator().manual_seed(7)
-    wq, wk = (qr.quantize(torch.randn(m, 64, generator=g), f) for m, f in ((64, "q4_1"), (32, "q8_0")))
+    wq, wk = (pack(qr.quantize(torch.randn(m, 64, generator=g), f)) for m, f in ((64, "q4_1"), (32, "q8_0")))
     x = torch.randn(tokens, 64, generator=g)
     close(quant_cpu.linear_multi(x, [wq, wk]), torch.cat([qr.linear(x, wq), qr.linear(x, wk)], dim=1))
-    gate, up = (qr.quantize(torch.randn(96, 64, generator=g), "q4_0") for _ in range(2))
-    down = qr.quantize(torch.randn(64, 96, generator=g), "q8_0")
+    gate, up = (pack(qr.quantize(torch.randn(96, 64, generator=g), "q4_0")) for _ in range(2))
+    down = pack(qr.quantize(torch.randn(64, 96, generator=g), "q8_0"))
     expect = qr.linear(torch.nn.functional.silu(qr.linear(x, gate)) * qr.linear(x, up), down)
     close(quant_cpu.dense_ffn(x, gate, up, down), expect)
 
@@ -60,6 +64,8 @@ def test_real_blocks_of_the_embedded_file():
                            int(t.shape[0]))
         x = torch.randn(3, w.cols, generator=g)
         close(quant_cpu.linear(x, w), qr.linear(x, w))
+        packed = qr.pack16(w)
+        close(quant_cpu.linear(x, packed), qr.linear(x, packed))
 
 
 @pytest.mark.parametrize("fmt", qr.FORMATS)

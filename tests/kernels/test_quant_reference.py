@@ -73,3 +73,31 @@ def test_real_blocks_of_the_embedded_file_dequantise_as_gguf():
         w = qr.QuantWeight(torch.from_numpy(rows.copy()), name, int(t.shape[0]))
         assert np.array_equal(w.dequantize().numpy(), gguf.quants.dequantize(rows, t.tensor_type)), t.name
     assert seen == {"q8_0", "q4_1"}
+
+
+@pytest.mark.parametrize("fmt", qr.FORMATS)
+@pytest.mark.parametrize("rows", [16, 37])  # whole groups, and a padded last group
+def test_g16_layout_is_a_permutation_of_the_blocks(fmt, rows):
+    w = random_blocks(fmt, rows, 96, seed=rows)
+    packed = qr.pack16(w)
+    assert packed.layout == "g16" and packed.shape == w.shape and packed.data.shape[0] == -(-rows // 16)
+    assert torch.equal(qr.unpack16(packed).data, w.data)  # bit for bit back
+    assert torch.equal(packed.dequantize(), w.dequantize())
+    picks = torch.tensor([0, 5, rows - 1])
+    assert torch.equal(packed[picks], w[picks])  # embedding lookups read the packed bytes
+    # the documented layout: group 0, block 0 starts with the 16 rows' float16 scales
+    scales = packed.data[0, :32].view(torch.float16)
+    assert torch.equal(scales, w.data[:16, :2].contiguous().view(torch.float16).flatten())
+
+
+def test_round_activations_keeps_15_bits_per_block():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 96, generator=g)
+    x[1, 32:64] = 0  # an all-zero block stays zero
+    r = qr.round_activations(x)
+    step = x.reshape(3, 3, 32).abs().amax(-1, keepdim=True) / 32767  # [T, B, 1]
+    err = (r - x).reshape(3, 3, 32).abs()
+    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-12).all())
+    assert int(r[1, 32:64].abs().sum()) == 0
+    codes = (r.reshape(3, 3, 32) / torch.where(step > 0, step, 1)).round()
+    assert int(codes.abs().max()) == 32767  # the block maximum maps to the largest int16 code

@@ -24,17 +24,20 @@ def files(tmp_path_factory):
     return {"F32": f32, **{fmt: export_gguf(f32, d / f"tiny.{fmt}.gguf", fmt) for fmt in FORMATS}}
 
 
-def dequantised(w):
-    """The same weights with every quantised matrix expanded to float32 (dense and routed layers)."""
+def dequantised(w, ffn_only: bool = False):
+    """The same weights with every quantised matrix expanded to float32 (dense and routed layers;
+    with ``ffn_only``, the FFNs' only)."""
     def f(t):
         return t.dequantize() if isinstance(t, QuantWeight) else t
 
     def fields(obj, names):
         return dataclasses.replace(obj, **{n: f(getattr(obj, n)) for n in names})
 
-    layers = [dataclasses.replace(fields(ly, ("wq", "wk", "wv", "wo")),
+    layers = [dataclasses.replace(fields(ly, () if ffn_only else ("wq", "wk", "wv", "wo")),
                                   ffn=fields(ly.ffn, [n for n in ("w_gate", "w_up", "w_down", "w_down_t")
                                                       if hasattr(ly.ffn, n)])) for ly in w.layers]
+    if ffn_only:
+        return dataclasses.replace(w, layers=layers)
     return dataclasses.replace(w, embed=f(w.embed), head=f(w.head), layers=layers)
 
 
@@ -48,10 +51,12 @@ def test_blocks_equal_the_dequantised_model_and_transformers(files, fmt):
     assert all(isinstance(m, QuantWeight) for m in (w.layers[0].wq, w.layers[1].ffn.w_down, w.head))
     ids = torch.randint(0, w.embed.shape[0], (2, 11), generator=torch.Generator().manual_seed(0))
     got = logits(Engine(w), ids)
-    torch.testing.assert_close(got, logits(Engine(dequantised(w)), ids), rtol=1e-4, atol=1e-4)
+    # The kernels round activations to int16 per block of 32 (quant_reference.round_activations), which
+    # moves these logits by ~3e-4 (the embedded model's perplexity: equal to four digits, docs/quantised.md)
+    torch.testing.assert_close(got, logits(Engine(dequantised(w)), ids), rtol=1e-3, atol=1e-3)
     hf = AutoModelForCausalLM.from_pretrained(files[fmt].parent, gguf_file=files[fmt].name, dtype=torch.float32)
     with torch.inference_mode():
-        torch.testing.assert_close(got, hf(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, hf(ids).logits, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -78,7 +83,9 @@ def test_f32_file_runs_the_float_path(files):
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
 def test_quantised_routed_model_equals_its_dequantised_twin(fmt):
     """The quantise pass on a routed model: sparse decode on the blocks == the float engine on the
-    same blocks dequantised (same router, same thresholds and guards)."""
+    same FFN blocks dequantised (same router, same thresholds and guards). Attention and head stay
+    blocks in both: their int16 activations move hidden states by ~1e-4, which can move a unit across
+    its threshold (the dense test above covers them)."""
     from adaroute.routing import route_model
     from adaroute.runtime import ExecutionPolicy
     from adaroute.runtime.quant_weights import quantise
@@ -93,7 +100,7 @@ def test_quantised_routed_model_equals_its_dequantised_twin(fmt):
     assert ffn.w_gate.data.untyped_storage().data_ptr() == ffn.w_down_t.data.untyped_storage().data_ptr()
     seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     out = {}
-    for name, weights in (("blocks", w), ("float", dequantised(w))):
+    for name, weights in (("blocks", w), ("float", dequantised(w, ffn_only=True))):
         engine = Engine(weights, policy=ExecutionPolicy.always_sparse())
         cache = engine.new_cache(1, 8)
         out[name] = torch.stack([engine.forward(seq[:, i:i + 1], cache)[0] for i in range(seq.shape[1])])

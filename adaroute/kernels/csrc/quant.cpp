@@ -19,7 +19,9 @@
 namespace {
 
 enum Fmt : int64_t { kF32 = 0, kQ8_0 = 1, kQ4_0 = 2, kQ4_1 = 3 };
+constexpr int64_t kG16 = 16;  // added to a format code: the weight is in the g16 layout (below)
 constexpr int kBlock = 32;
+constexpr int kLanes = 16;    // rows per g16 group
 
 inline int64_t block_bytes(int64_t fmt) { return fmt == kQ8_0 ? 34 : fmt == kQ4_0 ? 18 : 20; }
 
@@ -156,26 +158,205 @@ inline void qdot_tokens(const uint8_t* row, int64_t fmt, const float* x, int64_t
   }
 }
 
+// ---- the g16 layout: 16 rows per group, one vector lane per row ---------------------------------
+// quant_reference.pack16 defines it: per group and block, the 16 rows' float16 scales, their float16
+// minimums (q4_1 only), then the code bytes of the 16 rows two at a time: bytes 2p and 2p + 1 of
+// every row side by side (32 bytes per p; a q4 byte j holds weights j and j + 16). Widened to int16,
+// 32 bytes are one word pair per row and lane, so one multiply-add of word pairs (vpdpwssd) does 32
+// multiply-adds for 16 rows, and a block's scales are applied once to its integer sums. The row layout
+// with float activations spent ~5.5 cycles per block on expansion, per-block scalar work and row
+// reductions, compute-bound at ~10 GB/s per core (docs/perf.md, items 17 and 20).
+//
+// Activations: int16 per block of 32 (xq = round(x / s), s = max|x| / 32767), the same role as
+// llama.cpp's int8 but with 256 times finer steps: int8 moved the embedded model's perplexity by
+// 0.16 %, int16 does not move it measurably (docs/quantised.md). Integer sums cannot overflow: 32
+// products of at most 127 * 32767 per block.
+
+struct QX {                // activations of up to kMaxTokens tokens, quantised per block of 32
+  std::vector<int16_t> q;  // [T, K]
+  std::vector<float> s;    // [T, nb]: the block's scale
+  std::vector<float> sum;  // [T, nb]: s * sum of the block's codes (the q4 minimum term)
+};
+
+inline void quantize_x(const float* x, int64_t t_count, int64_t k, QX& qx) {
+  const int64_t nb = k / kBlock;
+  qx.q.resize(t_count * k);
+  qx.s.resize(t_count * nb);
+  qx.sum.resize(t_count * nb);
+  for (int64_t t = 0; t < t_count; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + t * k + b * kBlock;
+      float amax = 0.0f;
+      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float s = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      int32_t total = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const int16_t v = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
+        qx.q[t * k + b * kBlock + j] = v;
+        total += v;
+      }
+      qx.s[t * nb + b] = s;
+      qx.sum[t * nb + b] = s * static_cast<float>(total);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+inline __m512i pair(const int16_t* q) {  // two int16 activations broadcast as one int32 per lane
+  int32_t v;
+  std::memcpy(&v, q, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// out[t * 16 + r] = row r of the group . x[t] for NT tokens. Four integer chains per token.
+template <int64_t FMT, int NT>
+inline void qdot_group(const uint8_t* grp, const QX& qx, int64_t t0, int64_t k, int64_t nb, float* out) {
+  constexpr int64_t J = FMT == kQ8_0 ? 34 : FMT == kQ4_0 ? 18 : 20;
+  constexpr int64_t GB = kLanes * J;
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = grp + b * GB;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    __m512i s[4][NT];
+    for (int i = 0; i < 4; ++i)
+      for (int t = 0; t < NT; ++t) s[i][t] = _mm512_setzero_si512();
+    const int16_t* xq = qx.q.data() + t0 * k + b * kBlock;
+    if constexpr (FMT == kQ8_0) {
+      const uint8_t* c = p + 2 * kLanes;
+      for (int pp = 0; pp < kBlock / 2; ++pp) {
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + pp * 2 * kLanes)));
+        for (int t = 0; t < NT; ++t) s[pp & 3][t] = dpwssd(s[pp & 3][t], w, pair(xq + t * k + 2 * pp));
+      }
+    } else {
+      const uint8_t* c = p + (FMT == kQ4_1 ? 4 : 2) * kLanes;
+      const __m512i low = _mm512_set1_epi16(0xf);
+      for (int pp = 0; pp < kBlock / 4; ++pp) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + pp * 2 * kLanes)));
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi16(v, 4);
+        for (int t = 0; t < NT; ++t) {
+          s[pp & 1][t] = dpwssd(s[pp & 1][t], lo, pair(xq + t * k + 2 * pp));
+          s[2 + (pp & 1)][t] = dpwssd(s[2 + (pp & 1)][t], hi, pair(xq + t * k + 16 + 2 * pp));
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const int64_t tb = (t0 + t) * nb + b;
+      const __m512 sum = _mm512_cvtepi32_ps(
+          _mm512_add_epi32(_mm512_add_epi32(s[0][t], s[1][t]), _mm512_add_epi32(s[2][t], s[3][t])));
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(qx.s[tb])), sum, acc[t]);
+      if constexpr (FMT == kQ4_1) {
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * kLanes)));
+        acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(qx.sum[tb]), acc[t]);
+      } else if constexpr (FMT == kQ4_0) {  // w = d (n - 8)
+        acc[t] = _mm512_fmadd_ps(d, _mm512_set1_ps(-8.0f * qx.sum[tb]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * kLanes, acc[t]);
+}
+#else
+template <int64_t FMT, int NT>
+inline void qdot_group(const uint8_t* grp, const QX& qx, int64_t t0, int64_t k, int64_t nb, float* out) {
+  constexpr int64_t J = FMT == kQ8_0 ? 34 : FMT == kQ4_0 ? 18 : 20;
+  constexpr int64_t GB = kLanes * J;
+  float acc[NT][kLanes] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = grp + b * GB;
+    const uint8_t* c = p + (FMT == kQ4_1 ? 4 : 2) * kLanes;
+    for (int r = 0; r < kLanes; ++r) {
+      const float d = half_to_float(p + 2 * r);
+      for (int t = 0; t < NT; ++t) {
+        const int16_t* xq = qx.q.data() + (t0 + t) * k + b * kBlock;
+        const int64_t tb = (t0 + t) * nb + b;
+        int32_t s = 0;
+        for (int j = 0; j < (FMT == kQ8_0 ? kBlock : kBlock / 2); ++j) {
+          const uint8_t q = c[(j / 2 * kLanes + r) * 2 + j % 2];
+          if constexpr (FMT == kQ8_0)
+            s += static_cast<int8_t>(q) * xq[j];
+          else
+            s += (q & 0xf) * xq[j] + (q >> 4) * xq[j + 16];
+        }
+        acc[t][r] += d * qx.s[tb] * static_cast<float>(s);
+        if constexpr (FMT == kQ4_1) acc[t][r] += half_to_float(p + 2 * kLanes + 2 * r) * qx.sum[tb];
+        if constexpr (FMT == kQ4_0) acc[t][r] += d * (-8.0f * qx.sum[tb]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < kLanes; ++r) out[t * kLanes + r] = acc[t][r];
+}
+#endif
+
+template <int64_t FMT>
+inline void qdot_group_fmt(const uint8_t* grp, const QX& qx, int64_t k, int64_t t_count, float* out) {
+  const int64_t nb = k / kBlock;
+  for (int64_t t0 = 0; t0 < t_count; t0 += kTokBlock) {
+    float* o = out + t0 * kLanes;
+    switch (std::min<int64_t>(kTokBlock, t_count - t0)) {
+      case 4: qdot_group<FMT, 4>(grp, qx, t0, k, nb, o); break;
+      case 3: qdot_group<FMT, 3>(grp, qx, t0, k, nb, o); break;
+      case 2: qdot_group<FMT, 2>(grp, qx, t0, k, nb, o); break;
+      default: qdot_group<FMT, 1>(grp, qx, t0, k, nb, o); break;
+    }
+  }
+}
+
+// out[t * 16 + r] = row r of group . x[t] for every token (fmt without the kG16 flag).
+inline void qdot_group_tokens(const uint8_t* grp, int64_t fmt, const QX& qx, int64_t k, int64_t t_count, float* out) {
+  switch (fmt) {
+    case kQ8_0: qdot_group_fmt<kQ8_0>(grp, qx, k, t_count, out); break;
+    case kQ4_0: qdot_group_fmt<kQ4_0>(grp, qx, k, t_count, out); break;
+    default: qdot_group_fmt<kQ4_1>(grp, qx, k, t_count, out); break;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // y[t, col0(s) + m] (+)= ws[s][m] . x[t] for every segment s (segments side by side in y, as ar_linear).
+// A format code with kG16 added: the weight is in the g16 layout (rows in groups of 16, the last
+// group padded), else in GGUF's row layout.
 void ar_qlinear(const float* x, int64_t t_count, int64_t k, int nseg, const uint8_t* const* ws, const int64_t* rows,
                 const int64_t* fmts, float* y, int64_t ldy, int accumulate, int nthreads) {
   const int64_t nb = k / kBlock;
+  QX qx;
+  quantize_x(x, t_count, k, qx);
 #pragma omp parallel num_threads(nthreads)
   {
     int64_t col0 = 0;
     for (int s = 0; s < nseg; ++s) {
-      const int64_t m = rows[s], stride = nb * block_bytes(fmts[s]);
+      const int64_t m = rows[s], fmt = fmts[s] & ~kG16;
+      const int64_t stride = nb * block_bytes(fmt);
+      if (fmts[s] & kG16) {
+        const int64_t groups = (m + kLanes - 1) / kLanes;
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < groups; ++g) {
+          alignas(64) float out[kMaxTokens * kLanes];
+          qdot_group_tokens(ws[s] + g * kLanes * stride, fmt, qx, k, t_count, out);
+          const int64_t r0 = g * kLanes, n = std::min<int64_t>(kLanes, m - r0);
+          for (int64_t t = 0; t < t_count; ++t) {
+            float* dst = y + t * ldy + col0 + r0;
+            for (int64_t r = 0; r < n; ++r) dst[r] = accumulate ? dst[r] + out[t * kLanes + r] : out[t * kLanes + r];
+          }
+        }
+      } else {
 #pragma omp for schedule(dynamic, kChunk) nowait
-      for (int64_t r = 0; r < m; ++r) {
-        float out[kMaxTokens];
-        qdot_tokens(ws[s] + r * stride, fmts[s], x, k, t_count, out);
-        for (int64_t t = 0; t < t_count; ++t) {
-          float* dst = y + t * ldy + col0 + r;
-          *dst = accumulate ? *dst + out[t] : out[t];
+        for (int64_t r = 0; r < m; ++r) {
+          float out[kMaxTokens];
+          qdot_tokens(ws[s] + r * stride, fmt, x, k, t_count, out);
+          for (int64_t t = 0; t < t_count; ++t) {
+            float* dst = y + t * ldy + col0 + r;
+            *dst = accumulate ? *dst + out[t] : out[t];
+          }
         }
       }
       col0 += m;
@@ -184,8 +365,27 @@ void ar_qlinear(const float* x, int64_t t_count, int64_t k, int nseg, const uint
 }
 
 // h[t, i] = silu(w_gate[i] . x[t]) * (w_up[i] . x[t]) with block-quantised gate and up.
+// (Both in the g16 layout, or both in rows.)
 void ar_qgate_up_silu(const float* x, int64_t t_count, int64_t k, const uint8_t* wg, const uint8_t* wu, int64_t fmt_g,
                       int64_t fmt_u, int64_t f, float* h, int nthreads) {
+  if (fmt_g & fmt_u & kG16) {
+    const int64_t nb = k / kBlock, groups = (f + kLanes - 1) / kLanes;
+    fmt_g &= ~kG16;
+    fmt_u &= ~kG16;
+    const int64_t sg = kLanes * nb * block_bytes(fmt_g), su = kLanes * nb * block_bytes(fmt_u);
+    QX qx;
+    quantize_x(x, t_count, k, qx);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t g = 0; g < groups; ++g) {
+      alignas(64) float gv[kMaxTokens * kLanes], uv[kMaxTokens * kLanes];
+      qdot_group_tokens(wg + g * sg, fmt_g, qx, k, t_count, gv);
+      qdot_group_tokens(wu + g * su, fmt_u, qx, k, t_count, uv);
+      const int64_t r0 = g * kLanes, n = std::min<int64_t>(kLanes, f - r0);
+      for (int64_t t = 0; t < t_count; ++t)
+        for (int64_t r = 0; r < n; ++r) h[t * f + r0 + r] = silu(gv[t * kLanes + r]) * uv[t * kLanes + r];
+    }
+    return;
+  }
   const int64_t nb = k / kBlock, sg = nb * block_bytes(fmt_g), su = nb * block_bytes(fmt_u);
 #pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
   for (int64_t i = 0; i < f; ++i) {
