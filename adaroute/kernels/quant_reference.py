@@ -15,9 +15,11 @@ Nibble order: byte j of a block holds element j in its low nibble and element j 
 
 The kernels read the same bytes in another order (``layout="g16"``, ``pack16``): rows in groups of 16,
 and per group and block the 16 rows' scales (float16), their minimums (q4_1), then the code bytes
-of the 16 rows two at a time (bytes 2p and 2p + 1 of each row side by side). Sixteen rows are then one vector lane each: a code byte loaded for
-16 rows expands to 16 (q4: 32) weights with no per-row scale conversion or reduction, which is what
-made the row layout compute-bound (docs/perf.md, item 20). It is a permutation of the file's bytes,
+of the 16 rows two at a time (bytes 2p and 2p + 1 of each row side by side). Sixteen rows are then
+one vector lane each: 32 code bytes widen to one int16 pair per row, one multiply-add of word pairs
+serves 16 rows, and a block's scale is applied once to its integer sums, with no per-row scale
+conversion or reduction, which is what made the row layout compute-bound (docs/perf.md, item 20).
+It is a permutation of the file's bytes,
 never a re-quantisation; ``unpack16`` gives the rows back bit for bit.
 
 The product is ``x @ dequantize(w)^T``. For the row layout activations stay float32, so it equals
