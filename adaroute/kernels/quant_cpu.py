@@ -102,10 +102,14 @@ def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | N
 def _unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -> int | None:
     """Bytes from one unit's rows to the next when all three share one row stride (unit-packed or
     three contiguous tensors of one format), else None. Gate and up share a format; the down rows
-    may have their own (q8_0 under 4-bit gate/up)."""
+    may have their own (q8_0 under 4-bit gate/up). With gate and up in the g16 layout (the exact
+    router's), the down rows' stride."""
     ws = (w_gate, w_up, w_down_t)
-    if w_gate.fmt != w_up.fmt or any(w.data.stride(1) != 1 or w.layout != "rows" for w in ws):
+    if w_gate.fmt != w_up.fmt or w_gate.layout != w_up.layout or w_down_t.layout != "rows" \
+            or any(w.data.stride(-1) != 1 for w in ws):
         return None
+    if w_gate.layout == "g16":
+        return w_down_t.data.stride(0) if w_gate.data.is_contiguous() and w_up.data.is_contiguous() else None
     strides = {w.data.stride(0) for w in ws}
     return strides.pop() if len(strides) == 1 else None
 
@@ -134,6 +138,8 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
 
     ldw = _unit_stride(w_gate, w_up, w_down_t)
     exact = not all_units and shadow_q.numel() == 0
+    if w_gate.layout == "g16" and not (exact or all_units):
+        raise ValueError("gate/up in the g16 layout run with the exact router only (empty shadow_q)")
     if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()):
         ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
         if all_units:
@@ -154,7 +160,7 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
         xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
         _lib().ar_qrouted_ffn(xs.data_ptr(), xs.shape[0], h, f, w_gate.data_ptr(), w_up.data_ptr(),
-                              w_down_t.data_ptr(), ldw, FMT_CODES[w_gate.fmt], FMT_CODES[w_down_t.fmt], router[0],
+                              w_down_t.data_ptr(), ldw, fmt_code(w_gate), FMT_CODES[w_down_t.fmt], router[0],
                               router[1], group, router[2],
                               float(threshold), int(min_units), int(max_units), int(all_units), ys.data_ptr(),
                               cs.data_ptr(), int(residual is not None), torch.get_num_threads(), usage_p)

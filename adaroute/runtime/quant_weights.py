@@ -173,15 +173,17 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
         if getattr(f, "adapter", None) is not None:
             raise ValueError("quantised routed FFNs do not run routing adapters yet; quantise the base model")
         fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
-        parts = [quantize(m.contiguous(), to).data for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
-        store = torch.cat(parts, dim=1)  # [F, bytes of a unit's three rows]
-        h, ends = f.w_gate.shape[1], torch.tensor([p.shape[1] for p in parts]).cumsum(0).tolist()
-        views = {name: QuantWeight(store[:, end - p.shape[1]:end], to, h)
+        parts = [quantize(m.contiguous(), to) for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
+        blocks = dataclasses.replace(f, w_gate=parts[0], w_up=parts[1], w_down_t=parts[2])
+        if (router if router != "auto" else router_for(blocks, f.expected_density() or 0.5)) == "exact":
+            # every gate/up row is read: the g16 layout (the dense kernels' speed), down rows by unit
+            return dataclasses.replace(f, w_gate=pack16(parts[0]), w_up=pack16(parts[1]), w_down_t=parts[2],
+                                       shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
+        store = torch.cat([p.data for p in parts], dim=1)  # [F, bytes of a unit's three rows]
+        h, ends = f.w_gate.shape[1], torch.tensor([p.data.shape[1] for p in parts]).cumsum(0).tolist()
+        views = {name: QuantWeight(store[:, end - p.data.shape[1]:end], to, h)
                  for name, p, end, to in zip(("w_gate", "w_up", "w_down_t"), parts, ends, fmts, strict=True)}
-        out = dataclasses.replace(f, **views)
-        if (router if router != "auto" else router_for(out, f.expected_density() or 0.5)) == "exact":
-            out = dataclasses.replace(out, shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
-        return out
+        return dataclasses.replace(f, **views)
 
     layers = [dataclasses.replace(ly, wq=q(ly.wq), wk=q(ly.wk), wv=q(ly.wv), wo=q(ly.wo), ffn=ffn(ly.ffn))
               for ly in w.layers]

@@ -111,3 +111,31 @@ def test_exact_router_matches_reference(fmt, tokens):
     mask = reference.select_units(scores, threshold, 4, 90)
     assert torch.equal(counts, mask.sum(-1))
     close(y, reference.unit_ffn(x, *floats, mask))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_exact_router_on_g16_gate_up_matches_reference(fmt, tokens):
+    """The exact router with gate/up in the g16 layout (int16 activations, as the dense g16 kernels)
+    and down rows by unit: scores, selection and output == the reference on the rounded activations;
+    with every unit, the dense pass of the same layout."""
+    from adaroute.kernels import reference
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
+
+    t = routed_tensors(tokens + 20)
+    gate, up, down_t = (qr.quantize(t[k], fmt) for k in ("w_gate", "w_up", "w_down_t"))
+    units = [qr.pack16(gate), qr.pack16(up), down_t]
+    floats = [u.dequantize() for u in units]
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(6))
+    xr = qr.round_activations(x)
+    scores = qr.exact_scores(xr, *floats[:2], t["unit_bias"])
+    threshold = gap_threshold(scores, 0.5)
+    empty = t["shadow_q"][:0], t["shadow_scale"][:0]
+    usage = torch.zeros(units[0].shape[0], dtype=torch.int64)
+    y, counts = quant_cpu.routed_ffn(x, *units, *empty, t["unit_bias"], threshold, 4, 90, usage=usage)
+    mask = reference.select_units(scores, threshold, 4, 90)
+    assert torch.equal(counts, mask.sum(-1)) and torch.equal(usage, mask.sum(0))
+    close(y, reference.unit_ffn(xr, *floats, mask))
+    close(quant_cpu.unit_ffn(x, *units), reference.unit_ffn(xr, *floats))
+    with pytest.raises(ValueError, match="exact router"):
+        quant_cpu.routed_ffn(x, *units, t["shadow_q"], t["shadow_scale"], t["unit_bias"], threshold, 4, 90)

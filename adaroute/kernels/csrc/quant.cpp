@@ -498,24 +498,44 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
 // the same policy, and only the selected units' down rows are read.
 void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const float* unit_bias, float threshold,
-                   int64_t min_units, int64_t max_units, float* y, int64_t* counts, int accumulate, int nthreads,
-                   int64_t* usage) {
+                   int64_t min_units, int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate,
+                   int nthreads, int64_t* usage) {
   std::vector<float> act(t_count * f), score(t_count * f);  // [T, F]: silu(g) u, and its score
-#pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
-  for (int64_t i = 0; i < f; ++i) {
-    float g[kMaxTokens], u[kMaxTokens];
-    qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
-    qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
+  auto keep = [&](int64_t i, const float* g, const float* u, int64_t stride) {
     for (int64_t t = 0; t < t_count; ++t) {
-      const float a = silu(g[t]) * u[t];
+      const float a = silu(g[t * stride]) * u[t * stride];
       act[t * f + i] = a;
-      score[t * f + i] = std::log(std::fabs(a) + 1e-20f) + unit_bias[i];
+      if (!all_units) score[t * f + i] = std::log(std::fabs(a) + 1e-20f) + unit_bias[i];
+    }
+  };
+  if (fmt & kG16) {  // gate and up in the g16 layout: 16 units per group, as ar_qgate_up_silu
+    const int64_t nb = h / kBlock, fm = fmt & ~kG16, sg = kLanes * nb * block_bytes(fm), groups = (f + kLanes - 1) / kLanes;
+    QX qx;
+    quantize_x(x, t_count, h, qx);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t g = 0; g < groups; ++g) {
+      alignas(64) float gv[kMaxTokens * kLanes], uv[kMaxTokens * kLanes];
+      qdot_group_tokens(wg + g * sg, fm, qx, h, t_count, gv);
+      qdot_group_tokens(wu + g * sg, fm, qx, h, t_count, uv);
+      for (int64_t r = 0; r < kLanes && g * kLanes + r < f; ++r) keep(g * kLanes + r, gv + r, uv + r, kLanes);
+    }
+  } else {
+#pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
+    for (int64_t i = 0; i < f; ++i) {
+      float g[kMaxTokens], u[kMaxTokens];
+      qdot_tokens(wg + i * ldw, fmt, x, h, t_count, g);
+      qdot_tokens(wu + i * ldw, fmt, x, h, t_count, u);
+      keep(i, g, u, 1);
     }
   }
-  std::vector<uint8_t> sel(t_count * f);
-  for (int64_t t = 0; t < t_count; ++t)
-    counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
-  add_usage(sel.data(), t_count, f, usage);
+  std::vector<uint8_t> sel(t_count * f, 1);
+  if (all_units) {
+    for (int64_t t = 0; t < t_count; ++t) counts[t] = f;
+  } else {
+    for (int64_t t = 0; t < t_count; ++t)
+      counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
+    add_usage(sel.data(), t_count, f, usage);
+  }
   gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
     for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
   });
@@ -533,7 +553,8 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
 // column (row of w_down_t, format fmt_d) are rows of H/32 blocks each, ldw bytes from one unit to
 // the next (the three rows side by side when unit-packed: one contiguous read per unit). Scores come
 // from the int4 shadow exactly as in ar_routed_ffn, or from exact gate/up when shadow_q is null
-// (qrouted_exact); all_units != 0 computes every unit (the dense pass in this layout).
+// (qrouted_exact); all_units != 0 computes every unit (the dense pass in this layout). fmt with kG16
+// added: gate and up are separate matrices in the g16 layout (exact router only), ldw the down rows' stride.
 // counts [T]: units per token; usage [F] (null: not counted) gets each token's selection added.
 void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                     const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const uint8_t* shadow_q,
@@ -541,9 +562,9 @@ void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const
                     int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads,
                     int64_t* usage) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
-  if (!all_units && shadow_q == nullptr) {  // exact router: every gate/up row, then the chosen down rows
-    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units, y,
-                  counts, accumulate, nthreads, usage);
+  if ((!all_units && shadow_q == nullptr) || (fmt & kG16)) {  // exact router: all gate/up, the chosen down rows
+    qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units,
+                  all_units, y, counts, accumulate, nthreads, usage);
     return;
   }
   if (!all_units) {
