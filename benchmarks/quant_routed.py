@@ -54,7 +54,8 @@ def main() -> None:
     mods = [m for m in model.modules() if hasattr(m, "w_down_t")]
     base = from_model(model, 1024)
     formats = args.formats.split(",")
-    wins = windows(tokenize(tokenizer, load_text("builtin:heldout").text, args.ppl_tokens), 512)
+    wins = windows(tokenize(tokenizer, load_text("builtin:heldout").text, args.ppl_tokens), 512) \
+        if args.ppl_tokens else []
     rows, dense = [], {}
     for density in map(float, args.densities.split(",")):
         apply_density(mods, density)  # before quantising: the router per format is chosen at this density

@@ -52,7 +52,7 @@ def _lib() -> ctypes.CDLL | None:
     from adaroute.kernels._build import load_library  # noqa: PLC0415 (keeps import of the registry cheap)
 
     try:
-        lib = load_library("adaroute_cpu", SOURCES, [CSRC / "common.h"])
+        lib = load_library("adaroute_cpu", SOURCES, [CSRC / "common.h", CSRC / "step.h"])
     except Exception as err:  # any build or load failure: stay correct, only slower
         warnings.warn(f"adaroute cpu kernels unavailable ({err}); using the reference kernels", stacklevel=3)
         return None

@@ -2,6 +2,7 @@
 kernel, and no float copy of a quantised matrix."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from adaroute.kernels.quant_reference import QuantWeight
 from adaroute.models.gguf_export import export_gguf
-from adaroute.runtime import Engine, generate
+from adaroute.runtime import Engine, ExecutionPolicy, generate
 from adaroute.runtime.quant_step import QuantDecoder
 from adaroute.runtime.quant_weights import from_gguf
 from tests.fixtures import write_gguf
@@ -136,3 +137,44 @@ def test_bench_runs_the_files_own_blocks(files):
     q4, dense = records["adaroute q4_1"], records["adaroute-dense"]
     assert q4.weight_mb_per_step < dense.weight_mb_per_step / 3  # 20 bytes per 32 weights against 128
     assert not [e for e in build_engines(model, str(files["F32"]), max_len=32) if e.name.startswith("adaroute q")]
+
+
+@pytest.mark.parametrize(("fmt", "router"), [("q8_0", "shadow"), ("q8_0", "exact"), ("q4_1", "exact")])
+def test_fused_routed_quantised_step_equals_kernel_by_kernel(fmt, router):
+    """Routed quantised layers in the one-call step: the same logits, units per token, fail-safe
+    events (a band some tokens leave) and unit usage as the engine's Python path, bit for bit; and
+    injected faults in the sparse kernel are caught there as in the float step."""
+    from adaroute.routing.profile import LayerProfile
+    from adaroute.runtime.failsafe import FaultInjector
+    from adaroute.runtime.quant_weights import quantise
+    from adaroute.runtime.weights import from_model
+    from tests.routing.conftest import calibrated_copy
+
+    model, mods = calibrated_copy(seed=3, density=0.5)
+    for m in mods:  # a band that some tokens leave and others do not
+        m.profile = LayerProfile([0.5, 1.0], [m.threshold, -math.inf], [0.0, 0.0], 0.5, "adaptive", m.min_units,
+                                 m.max_units, [0, 64])
+    w = quantise(from_model(model), fmt, router=router)
+    engines = [Engine(w), Engine(w)]
+    engines[1]._fused = None
+    assert isinstance(engines[0]._fused, QuantDecoder)
+    usage, runs = [e.start_unit_usage() for e in engines], []
+    for e in engines:
+        e.record_units = True
+        cache = e.new_cache(1, 32)
+        out = [e.forward(torch.tensor([[5, 9, 13, 40, 41]]), cache)]
+        for _ in range(8):
+            out.append(e.forward(out[-1].argmax(-1, keepdim=True), cache))
+            runs.append((out[-1], e.last_units.clone(), e.last_failsafe.clone()))
+    half = len(runs) // 2
+    for (la, ua, fa), (lb, ub, fb) in zip(runs[:half], runs[half:], strict=True):
+        assert torch.equal(la, lb) and torch.equal(ua, ub) and torch.equal(fa, fb)
+    assert torch.equal(usage[0], usage[1]) and int(usage[0].sum()) > 0
+    events = engines[0].failsafe.totals
+    assert torch.equal(events, engines[1].failsafe.totals) and 0 < int(events.sum()) < 8 * len(mods)
+    faulty = Engine(w)
+    faulty.failsafe.faults = FaultInjector(("raise", "nan"), rate=1.0, seed=1, every_layer=True)
+    dense = Engine(w, policy=ExecutionPolicy.always_dense())
+    ids = torch.tensor([[5, 9, 13]])
+    torch.testing.assert_close(faulty.forward(ids[:, :1], faulty.new_cache(1, 4)),
+                               dense.forward(ids[:, :1], dense.new_cache(1, 4)), rtol=1e-4, atol=1e-4)

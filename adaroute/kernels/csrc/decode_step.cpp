@@ -5,11 +5,9 @@
 // with more tokens in flight than the layer's sparse limit, every unit in the unit layout. The
 // kernels are the ones the Python path calls one by one; doing the sequence here saves ~8 foreign
 // calls per layer (Python glue was ~15 % of a decode step of the embedded model).
-// Layouts and shapes are described by ArLayer / ArStep, mirrored by ctypes structures in
+// Layouts and shapes are described by ArLayer / ArStep (step.h), mirrored by ctypes structures in
 // adaroute/runtime/fused_cpu.py (field order and types must match).
-#include "common.h"
-
-#include <stdexcept>
+#include "step.h"
 
 extern "C" {
 
@@ -44,66 +42,21 @@ struct ArLayer {
   int64_t adapter_rank;                 // 0: no adapter
 };
 
-struct ArStep {
-  float* x;                          // [N, H] residual stream, updated in place
-  float *h, *qkv, *attn, *hid;       // scratch: [N, H], [N, (Q+2K)*D], [N, Q*D], [N, F]
-  int64_t* counts;                   // [L, N]: units per token of layers that ran sparse, -1 elsewhere
-  float *k_cache, *v_cache;          // [L, B, K, S, D]
-  const int64_t* pad;                // [B]
-  const float *cos, *sin;            // [positions, D]
-  int64_t n_layers, b, t, hidden, n_heads, n_kv, head_dim, s_max, pos, nthreads;
-  int64_t layer_stride;              // floats from one layer's cache to the next (the batch may be a
-                                     // prefix of a larger cache: B*K*S*D only when it is not)
-  float eps;
-  int64_t* failsafe;                 // [L, N] fail-safe event codes (null: fail-safe off)
-  float* ffn_out;                    // scratch [N, H]: a sparse FFN's output before it is checked
-  int64_t* usage;                    // [L, F] unit-usage counter (null: off): sparse layers add their selections
-};
-
-// Layer i's row of the unit-usage counter, or null when it is off (every layer has ly.units units).
-static int64_t* usage_row(const ArStep* s, const ArLayer& ly, int64_t i) {
-  return s->usage ? s->usage + i * ly.units : nullptr;
-}
-
-// Fail-safe of a sparse routed layer (adaroute/runtime/failsafe.py is its reference): the sparse
-// output goes to scratch; a token whose selection leaves [band_lo, band_hi] (code 1) or whose output
-// is not finite (2), or every token when the kernel throws (3), is recomputed with every unit.
-// The unit-usage counter gets the router's selection, also for tokens recomputed densely (nothing when
-// the kernel throws), as FailSafe.routed_ffn counts it.
-static void routed_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64_t* counts) {
+// Fail-safe of a sparse routed layer (step.h): the sparse kernel, then every unit for flagged tokens.
+static void layer_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64_t* counts) {
   const int64_t n = s->b * s->t, hd = s->hidden;
-  int64_t* code = s->failsafe + i * n;
-  float* out = s->ffn_out;
-  bool failed = false;
-  try {
-    if (ly.fault == 2) throw std::runtime_error("fault injected into the sparse kernel");
-    ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
-                  ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 0, out, counts, 0,
-                  s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, usage_row(s, ly, i));
-    if (ly.fault == 3) out[0] = NAN;
-  } catch (...) {
-    failed = true;
-  }
-  int64_t bad = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* row = out + t * hd;
-    bool finite = true;
-    for (int64_t k = 0; k < hd && !failed; ++k) finite = finite && std::isfinite(row[k]);
-    code[t] = failed ? 3 : !finite ? 2 : (counts[t] < ly.band_lo || counts[t] > ly.band_hi) ? 1 : 0;
-    bad += code[t] != 0;
-    if (code[t] == 0)
-      for (int64_t k = 0; k < hd; ++k) s->x[t * hd + k] += row[k];
-  }
-  if (bad == 0) return;
-  std::vector<int64_t> every(n);
-  ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
-                ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 1, out, every.data(), 0,
-                s->nthreads, 0, nullptr, nullptr, nullptr, nullptr);  // the fail-safe is the original dense FFN
-  for (int64_t t = 0; t < n; ++t)
-    if (code[t] != 0) {
-      for (int64_t k = 0; k < hd; ++k) s->x[t * hd + k] += out[t * hd + k];
-      counts[t] = ly.units;
-    }
+  routed_failsafe(
+      s, i, ly.units, ly.band_lo, ly.band_hi, ly.fault, counts,
+      [&](float* out, int64_t* c, int64_t* usage) {
+        ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
+                      ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 0, out, c, 0,
+                      s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, usage);
+      },
+      [&](float* out, int64_t* c) {
+        ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
+                      ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 1, out, c, 0,
+                      s->nthreads, 0, nullptr, nullptr, nullptr, nullptr);
+      });
 }
 
 void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
@@ -132,12 +85,12 @@ void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
     const bool every_unit = std::isinf(ly.threshold) && ly.threshold < 0 && ly.max_units >= ly.units;
     const bool sparse = n <= ly.sparse_max_tokens && !every_unit;
     if (sparse && s->failsafe) {
-      routed_failsafe(ly, s, i, counts);
+      layer_failsafe(ly, s, i, counts);
       continue;
     }
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, sparse ? 0 : 1, s->x, counts,
-                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, sparse ? usage_row(s, ly, i) : nullptr);
+                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, sparse ? usage_row(s, ly.units, i) : nullptr);
     if (!sparse) std::fill(counts, counts + n, -1);
   }
 }

@@ -10,7 +10,7 @@
 // is one sequential stream, and it is expanded once per block for every token in flight.
 // Quantising the activations to int8 as well (llama.cpp's choice, VNNI dot products) was measured
 // and not kept: it moved the embedded model's perplexity by 0.16 % (docs/perf.md, item 16).
-#include "common.h"
+#include "step.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -478,18 +478,22 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
       }
   if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
   const int64_t n = static_cast<int64_t>(units.size());
+  // Each thread sums a fixed share of the units (static schedule) into its own [T, H] part; the parts
+  // are added in thread order, so the result does not depend on timing (deterministic run to run).
+  std::vector<std::vector<float>> parts(std::max(nthreads, 1));
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> part(t_count * h, 0.0f);
-#pragma omp for schedule(dynamic, kChunk) nowait
+    std::vector<float>& part = parts[omp_get_thread_num()];
+    part.assign(t_count * h, 0.0f);
+#pragma omp for schedule(static)
     for (int64_t j = 0; j < n; ++j) {
       float a[kMaxTokens];
       act(units[j], a);
       qaxpy(wd_t + units[j] * ldw, fmt_d, a, t_count, part.data(), h);
     }
-#pragma omp critical
-    for (int64_t k = 0; k < t_count * h; ++k) y[k] += part[k];
   }
+  for (const auto& part : parts)
+    for (int64_t k = 0; k < static_cast<int64_t>(part.size()); ++k) y[k] += part[k];
 }
 
 // The router for formats where an int4 shadow of gate/up costs about as much as gate/up themselves
@@ -587,8 +591,9 @@ void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const
 }  // extern "C"
 
 // ---- every decoder layer of a decode step in one call, block-quantised projections ---------------
-// The sequence of ar_decode_layers (decode_step.cpp) for dense FFNs, with each product an ar_qlinear.
-// ArQStep has ArStep's layout (one ctypes structure, adaroute/runtime/fused_cpu.py, describes both).
+// The sequence of ar_decode_layers (decode_step.cpp) with each product a block-quantised one: dense
+// FFNs as GGUF stores them, routed FFNs through ar_qrouted_ffn (sparse with the fail-safe of step.h,
+// or every unit above the layer's sparse limit). ArQLayer is mirrored in adaroute/runtime/quant_step.py.
 extern "C" {
 
 void ar_rmsnorm(const float* x, int64_t t_count, int64_t h, const float* w, float eps, float* out);
@@ -598,28 +603,23 @@ void ar_attention(const float* qkv, int64_t b_count, int64_t t_count, int64_t n_
 
 struct ArQLayer {
   const float *attn_norm, *mlp_norm;
-  const uint8_t *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;  // blocks; w_down [H, F] as stored
-  int64_t fq, fk, fv, fo, fg, fu, fd;                           // their formats (Fmt)
+  const uint8_t *wq, *wk, *wv, *wo, *w_gate, *w_up, *w_down;  // blocks; w_down: [H, F] dense, [F, H] rows routed
+  int64_t fq, fk, fv, fo, fg, fu, fd;                           // their format codes (Fmt, + kG16)
   int64_t q_rows, kv_rows, units;                               // Q*D, K*D, F
+  // routed FFNs (kind 1), as ArLayer: the unit rows ldw bytes apart (w_gate/w_up/w_down), the router
+  const uint8_t* shadow_q;                                      // null: the exact router
+  const float *shadow_scale, *unit_bias;
+  int64_t ldw, group_size, kind, min_units, max_units, sparse_max_tokens;
+  float threshold;
+  int64_t band_lo, band_hi, fault;
 };
 
-struct ArQStep {
-  float* x;
-  float *h, *qkv, *attn, *hid;
-  int64_t* counts;
-  float *k_cache, *v_cache;
-  const int64_t* pad;
-  const float *cos, *sin;
-  int64_t n_layers, b, t, hidden, n_heads, n_kv, head_dim, s_max, pos, nthreads;
-  int64_t layer_stride;
-  float eps;
-};
-
-void ar_qdecode_layers(const ArQLayer* layers, const ArQStep* s) {
+void ar_qdecode_layers(const ArQLayer* layers, const ArStep* s) {
   const int64_t n = s->b * s->t, hd = s->hidden;
   const int th = static_cast<int>(s->nthreads);
   for (int64_t i = 0; i < s->n_layers; ++i) {
     const ArQLayer& ly = layers[i];
+    int64_t* counts = s->counts + i * n;
     ar_rmsnorm(s->x, n, hd, ly.attn_norm, s->eps, s->h);
     const uint8_t* qkv_w[3] = {ly.wq, ly.wk, ly.wv};
     const int64_t qkv_rows[3] = {ly.q_rows, ly.kv_rows, ly.kv_rows}, qkv_f[3] = {ly.fq, ly.fk, ly.fv};
@@ -630,10 +630,28 @@ void ar_qdecode_layers(const ArQLayer* layers, const ArQStep* s) {
     const int64_t o_rows[1] = {hd}, o_f[1] = {ly.fo}, d_f[1] = {ly.fd};
     ar_qlinear(s->attn, n, ly.q_rows, 1, o_w, o_rows, o_f, s->x, hd, 1, th);
     ar_rmsnorm(s->x, n, hd, ly.mlp_norm, s->eps, s->h);
-    ar_qgate_up_silu(s->h, n, hd, ly.w_gate, ly.w_up, ly.fg, ly.fu, ly.units, s->hid, th);
-    const uint8_t* d_w[1] = {ly.w_down};
-    ar_qlinear(s->hid, n, ly.units, 1, d_w, o_rows, d_f, s->x, hd, 1, th);
-    std::fill(s->counts + i * n, s->counts + (i + 1) * n, int64_t{-1});
+    std::fill(counts, counts + n, int64_t{-1});
+    if (ly.kind == 0) {
+      ar_qgate_up_silu(s->h, n, hd, ly.w_gate, ly.w_up, ly.fg, ly.fu, ly.units, s->hid, th);
+      const uint8_t* d_w[1] = {ly.w_down};
+      ar_qlinear(s->hid, n, ly.units, 1, d_w, o_rows, d_f, s->x, hd, 1, th);
+      continue;
+    }
+    auto run = [&](int all_units, float* y, int64_t* c, int accumulate, int64_t* usage) {
+      ar_qrouted_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.fg, ly.fd, ly.shadow_q,
+                     ly.shadow_scale, ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, all_units,
+                     y, c, accumulate, th, usage);
+    };
+    const bool every_unit = std::isinf(ly.threshold) && ly.threshold < 0 && ly.max_units >= ly.units;
+    const bool sparse = n <= ly.sparse_max_tokens && !every_unit;
+    if (sparse && s->failsafe) {
+      routed_failsafe(s, i, ly.units, ly.band_lo, ly.band_hi, ly.fault, counts,
+                      [&](float* out, int64_t* c, int64_t* usage) { run(0, out, c, 0, usage); },
+                      [&](float* out, int64_t* c) { run(1, out, c, 0, nullptr); });
+      continue;
+    }
+    run(sparse ? 0 : 1, s->x, counts, 1, sparse ? usage_row(s, ly.units, i) : nullptr);
+    if (!sparse) std::fill(counts, counts + n, int64_t{-1});
   }
 }
 
