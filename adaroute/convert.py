@@ -1,6 +1,7 @@
 """dense model -> routed model directory, in one call.
 
     result = adaroute.convert("smollm2-135m", ["builtin:calib"], density=0.5, output="out/routed")
+    result = adaroute.convert(..., preset="quick", weights="q4")    # recorded: runs at q4_1 once loaded
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def convert(
     tokenizer=None,
     base_model: str | None = None,
     force: bool = False,
+    weights: str = "f32",
 ) -> ConvertResult:
     """Convert a dense model into a routed one at mean FFN ``density``.
 
@@ -47,12 +49,18 @@ def convert(
     calib:      calibration data specs (UTF-8 files or ``builtin:calib``).
     routing / train: full configs; when omitted, ``RoutingConfig(density=density)`` and the named preset.
     output:     directory to write (model.safetensors, config.json, tokenizer, calibration.json).
+    weights:    the format the routed model runs at (``adaroute.runtime.formats``: f32, q8, q4, q4_0),
+                recorded in config.json; the stored weights are float32 at every format. Routing adapters
+                run on float32 only, so q8/q4 with a preset that trains adapters fails before training.
     """
     from adaroute.data import load_texts
     from adaroute.models import load_model
+    from adaroute.runtime.formats import check_adapters, parse_format
 
     routing = routing or RoutingConfig(density=density)
     train = train or TrainConfig.from_name(preset)
+    weights = parse_format(weights)
+    check_adapters(weights, trains_adapters(train, routing))  # before any slow work
     specs = [calib] if isinstance(calib, str) else list(calib)
     if output is not None:
         check_convert_output(output, model if isinstance(model, str) else None, specs, force)
@@ -75,6 +83,7 @@ def convert(
         "preset": train.name,
         "train": train.to_dict(),
         "routing": routing.to_dict(),
+        "weights": weights,
         "torch_version": torch.__version__,
         **report.to_dict(),  # includes "seconds" per stage
         "total_seconds": time.perf_counter() - start,
@@ -82,10 +91,16 @@ def convert(
     directory = None
     if output is not None:
         directory = save_routed(model, tokenizer, output, base_model or "unknown", routing, calibration,
-                                replace=force)
+                                replace=force, weights=weights)
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
     return ConvertResult(model, tokenizer, report, calibration, directory)
+
+
+def trains_adapters(train: TrainConfig, routing: RoutingConfig) -> bool:
+    """Whether conversion with ``train`` trains routing adapters (its distillation stage adds them to
+    every layer left below density 1, so to none at density 1)."""
+    return bool(train.distill_steps and train.adapt_rank and routing.density < 1.0)
 
 
 def check_convert_output(output: str | Path, model_spec: str | None, calib: list[str], force: bool = False) -> Path:

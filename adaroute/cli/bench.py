@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length per sequence (default 64)")
     p.add_argument("--repeats", type=positive_int, default=3, help="interleaved rounds after the warm-up (default 3)")
     p.add_argument("--kernel", default=None, help="kernel for the adaroute engines (default: fastest available)")
+    p.add_argument("--weights", default=None, metavar="FORMAT",
+                   help="weight format of the adaroute engines: f32, q8 (q8_0), q4 (q4_1) or q4_0 (default: the "
+                        "routed directory's recorded format, else f32); transformers-eager stays float32")
     p.add_argument("--json", metavar="OUT", help="write one record per engine and batch size")
     p.set_defaults(run=run)
 
@@ -43,10 +46,14 @@ def run(args) -> int:
     from adaroute.eval.bench import bench_prompts, build_engines, format_table, run_engines
     from adaroute.kernels import known_kernels
     from adaroute.models import inspect_model, load_model
+    from adaroute.runtime.formats import model_format, parse_format
 
+    if args.weights is not None:
+        parse_format(args.weights)  # a bad name answers before the model is inspected
     if args.kernel is not None and args.kernel not in known_kernels():
         raise AdarouteError(f"--kernel {args.kernel!r}: choose one of {', '.join(known_kernels())}")
     info = inspect_model(args.model)
+    fmt = model_format(info, args.weights)
     max_len = args.prompt_tokens + args.new_tokens + 16
     if info.context and max_len > info.context:
         raise AdarouteError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} (+16) exceed the "
@@ -55,7 +62,7 @@ def run(args) -> int:
     source = info.source
     model, tokenizer = load_model(args.model)
     gguf = str(source.directory / source.gguf_file) if source.gguf_file else None
-    engines = build_engines(model, gguf, max_len=max_len, kernel=args.kernel)
+    engines = build_engines(model, gguf, max_len=max_len, kernel=args.kernel, weights=fmt)
     records = []
     for batch in batches:
         prompts = bench_prompts(tokenizer, batch, args.prompt_tokens)
@@ -64,8 +71,9 @@ def run(args) -> int:
                                    progress=lambda msg: bar.update(1) if msg.startswith("round") else None)
     import torch
 
-    print(f"threads: {torch.get_num_threads()}  prompt: {args.prompt_tokens} tokens  new: {args.new_tokens} tokens")
+    print(f"threads: {torch.get_num_threads()}  prompt: {args.prompt_tokens} tokens  new: {args.new_tokens} tokens"
+          + ("" if fmt == "f32" else f"  weights: {fmt}"))
     print(format_table(records))
-    write_json(args.json, {"model": args.model, "threads": torch.get_num_threads(),
+    write_json(args.json, {"model": args.model, "threads": torch.get_num_threads(), "weights": fmt,
                            "records": [r.__dict__ for r in records]})
     return 0

@@ -31,11 +31,17 @@ def add_parser(sub) -> None:
                    help="skip the distillation stage that trains routing adapters (default preset)")
     p.add_argument("--adapt-rank", type=positive_int, default=None,
                    help="rank of the routing adapters (default: the preset's, 16 in default)")
+    p.add_argument("--weights", default="f32", metavar="FORMAT",
+                   help="weight format the routed model runs at, recorded in its config.json: f32 (default), "
+                        "q8 (q8_0) or q4 (q4_1), also q4_0; q8/q4 need --no-adapt (adapters run on float32)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from adaroute.config import RoutingConfig, TrainConfig
+    from adaroute.runtime.formats import check_adapters, parse_format
+
+    weights = parse_format(args.weights)
 
     try:
         routing = RoutingConfig(density=args.density, policy=args.policy, allocation=args.allocation,
@@ -45,6 +51,9 @@ def run(args) -> int:
         train = TrainConfig.from_name(args.preset, **overrides)
     except ValueError as e:
         raise AdarouteError(f"bad option: {e}") from e
+    from adaroute.convert import trains_adapters
+
+    check_adapters(weights, trains_adapters(train, routing))  # before the model loads and trains
     if train.calib_tokens < train.window:
         raise AdarouteError(f"--calib-tokens {train.calib_tokens} is less than one calibration window "
                             f"({train.window} tokens): use at least {train.window}")
@@ -58,13 +67,15 @@ def run(args) -> int:
     if inspect_model(args.model).routed:
         raise AdarouteError(f"{args.model} is already a routed model: convert its dense base model instead")
     setup_threads()
-    print(_budget_line(train), flush=True)
-    result = convert(args.model, args.calib, output=output, routing=routing, train=train, force=args.force)
+    print(_budget_line(train) + f"; weights {_format_line(weights)}", flush=True)
+    result = convert(args.model, args.calib, output=output, routing=routing, train=train, force=args.force,
+                     weights=weights)
     stats = result.report.calib_stats
     upt = stats["units_per_token"]
     rows = [
         ["mean density (calibration)", stats["mean_density"]],
         ["units/token share p10 / p50 / p90", f"{upt['p10']:.3f} / {upt['p50']:.3f} / {upt['p90']:.3f}"],
+        ["weights", weights],
         ["seconds", round(result.calibration["total_seconds"], 1)],
         ["written to", str(result.directory)],
     ]
@@ -84,6 +95,12 @@ def _adapt_overrides(args, preset) -> dict:
                                 "use --preset default")
         return {"adapt_rank": args.adapt_rank}
     return {}
+
+
+def _format_line(fmt: str) -> str:
+    if fmt == "f32":
+        return "f32"
+    return f"{fmt} (recorded in config.json; stored as float32, quantised when the model is loaded to run)"
 
 
 def _budget_line(train) -> str:

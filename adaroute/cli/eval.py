@@ -3,6 +3,10 @@
 For a routed model the dense base is evaluated on the same windows too, and the record adds the
 perplexity ratio, top-1 agreement with dense, per-layer density, FFN cost shares and the
 units-per-token distribution.
+
+``--weights q8|q4|q4_0`` (default: the format a routed directory records, f32 otherwise): the runtime
+engine computes every perplexity on the model's weights at that format (adaroute.runtime.formats), dense
+and routed alike; at f32 the loaded model itself computes them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ def add_parser(sub) -> None:
     p.add_argument("--density", type=density, default=None,
                    help="routed models: override the calibrated target density for a quick sweep (default: as "
                         "calibrated)")
+    p.add_argument("--weights", default=None, metavar="FORMAT",
+                   help="weight format: f32, q8 (q8_0), q4 (q4_1) or q4_0; at q8/q4 the runtime engine computes "
+                        "the perplexities on quantised weights (default: the routed directory's recorded format, "
+                        "else f32)")
     p.add_argument("--json", metavar="OUT", help="write results as JSON")
     p.set_defaults(run=run)
 
@@ -46,8 +54,12 @@ def run(args) -> int:
     texts = load_texts(args.data)  # read all inputs before the slow model load
     from adaroute.eval.perplexity import check_window_fits
     from adaroute.models import inspect_model, load_model
+    from adaroute.runtime.formats import model_format, parse_format
 
+    if args.weights is not None:
+        parse_format(args.weights)  # a bad name answers before the model is inspected
     info = inspect_model(args.model)
+    fmt = model_format(info, args.weights)
     args.window = args.window or min(DEFAULT_WINDOW, info.context or DEFAULT_WINDOW)
     check_window_fits(args.window, info.context)
     if args.density is not None and not info.routed:
@@ -55,9 +67,15 @@ def run(args) -> int:
     setup_threads()
     model, tokenizer = load_model(args.model)
     routed = info.routed
-    evaluate = _eval_routed if routed else _eval_dense
-    records = [evaluate(model, tokenizer, t, args) for t in texts]
-    payload = {"model": args.model, "routed": routed, "results": records, "total": _total(records, args)}
+    if fmt == "f32":
+        evaluate = _eval_routed if routed else _eval_dense
+        records = [evaluate(model, tokenizer, t, args) for t in texts]
+    else:
+        records = _eval_runtime(model, tokenizer, texts, args, fmt, routed)
+    payload = {"model": args.model, "routed": routed, "weights": fmt, "results": records,
+               "total": _total(records, args)}
+    if fmt != "f32":
+        print(f"weights: {fmt} (perplexities computed by the runtime engine on {fmt} blocks)")
     _print(payload, routed)
     write_json(args.json, payload)
     return 0
@@ -80,6 +98,46 @@ def _eval_routed(model, tokenizer, text, args) -> dict:
     r = compare_with_dense(model, tokenizer, text.text, args.window, args.max_tokens, args.density, desc=text.name)
     return {"model": args.model, "data": text.name, "perplexity": r["perplexity_routed"], "window": args.window,
             "seconds": round(time.perf_counter() - start, 3), **r}
+
+
+def _eval_runtime(model, tokenizer, texts, args, fmt: str, routed: bool) -> list[dict]:
+    """Every record computed by the runtime engine on the model's weights at ``fmt`` (built once)."""
+    import time
+
+    from adaroute.eval.perplexity import runtime_perplexity
+    from adaroute.routing.quality import compare_with_dense_runtime
+    from adaroute.runtime.formats import runtime_weights
+
+    if not routed:
+        weights = runtime_weights(model, fmt, args.window)
+        records = []
+        for text in texts:
+            r = runtime_perplexity(weights, tokenizer, text.text, args.window, args.max_tokens, desc=text.name)
+            records.append({"model": args.model, "data": text.name, "perplexity": r.perplexity, "tokens": r.tokens,
+                            "windows": r.windows, "window": args.window, "seconds": round(r.seconds, 3),
+                            "weights": fmt})
+        return records
+    from adaroute.routing.profile import apply_density
+    from adaroute.routing.surgery import routed_modules
+
+    mods = routed_modules(model)
+    saved = [m.policy for m in mods]
+    try:
+        if args.density is not None:  # before building: quantise picks each layer's router at its density
+            apply_density(mods, args.density)
+        weights = runtime_weights(model, fmt, args.window)
+        records = []
+        for text in texts:
+            start = time.perf_counter()
+            r = compare_with_dense_runtime(weights, model, tokenizer, text.text, args.window, args.max_tokens,
+                                           args.density, desc=text.name)
+            records.append({"model": args.model, "data": text.name, "perplexity": r["perplexity_routed"],
+                            "window": args.window, "seconds": round(time.perf_counter() - start, 3),
+                            "weights": fmt, **r})
+        return records
+    finally:
+        for m, p in zip(mods, saved, strict=True):
+            m.set_policy(p)
 
 
 def _total(records: list[dict], args) -> dict:

@@ -5,9 +5,10 @@ warm-up, so a machine whose load changes during the run slows every engine alike
 between them stay meaningful. Throughputs are the median over rounds (each round's tokens over its
 time), latencies are percentiles over every step of every round. Engines:
 
-    transformers-eager   ``model.generate`` on the model as loaded (routed layers set dense)
+    transformers-eager   ``model.generate`` on the model as loaded (routed layers set dense), float32
     adaroute-dense       the lean runtime, every FFN dense
     adaroute-routed      the lean runtime, routed FFNs sparse while decoding (only for routed models)
+                         (at a quantised ``weights`` format both are named with it: ``adaroute-dense q4_1``)
     llama.cpp            the same GGUF file through ``llama_cpp``, when that package is importable
 
 Memory: ``peak_rss_mb`` is the process's resident set at its highest while the engine ran (shared
@@ -281,8 +282,11 @@ def run_engines(engines: Sequence[BenchEngine], prompts: list[list[int]], new_to
 
 def relate_to_dense(records: list[BenchRecord]) -> list[BenchRecord]:
     """Fill ``vs_dense`` (achieved) and ``ideal_vs_dense`` (implied by weight bytes per token)
-    against the adaroute-dense record of the same batch."""
-    dense = {r.batch: r for r in records if r.engine == "adaroute-dense"}
+    against the adaroute-dense record of the same batch (at a quantised format: ``adaroute-dense FMT``)."""
+    dense = {}
+    for r in records:
+        if r.engine == "adaroute-dense" or r.engine.startswith("adaroute-dense "):
+            dense.setdefault(r.batch, r)
     for r in records:
         base = dense.get(r.batch)
         if base is None:
@@ -315,12 +319,13 @@ def _record(e: BenchEngine, new_tokens: int) -> BenchRecord:
 def format_table(records: Sequence[BenchRecord]) -> str:
     """A plain-text table. ``vs dense``: decode speed over adaroute-dense's at the same batch;
     ``ideal``: the ratio the weight bytes read per step imply; ``of ideal``: achieved/ideal."""
-    head = f"{'engine':<20}{'batch':>6}{'decode tok/s':>14}{'vs dense':>10}{'ideal':>8}{'of ideal':>10}" \
+    width = max([20, *(len(r.engine) + 2 for r in records)])
+    head = f"{'engine':<{width}}{'batch':>6}{'decode tok/s':>14}{'vs dense':>10}{'ideal':>8}{'of ideal':>10}" \
            f"{'p50 ms':>9}{'p95 ms':>9}{'prefill tok/s':>15}{'MB/step':>10}{'engine MB':>11}{'density':>9}"
     lines = [head, "-" * len(head)]
     for r in records:
         of_ideal = r.vs_dense / r.ideal_vs_dense if r.vs_dense and r.ideal_vs_dense else None
-        lines.append(f"{r.engine:<20}{r.batch:>6}{r.decode_tokens_per_s:>14.1f}{_fmt(r.vs_dense, '.2f', 'x'):>10}"
+        lines.append(f"{r.engine:<{width}}{r.batch:>6}{r.decode_tokens_per_s:>14.1f}{_fmt(r.vs_dense, '.2f', 'x'):>10}"
                      f"{_fmt(r.ideal_vs_dense, '.2f', 'x'):>8}{_fmt(of_ideal, '.0%'):>10}"
                      f"{r.latency_p50_ms:>9.1f}{r.latency_p95_ms:>9.1f}{r.prefill_tokens_per_s:>15.1f}"
                      f"{_fmt(r.weight_mb_per_step):>10}{r.engine_mb:>11.0f}{_fmt(r.density, '.2f'):>9}")
@@ -337,15 +342,29 @@ def write_json(records: Sequence[BenchRecord], path: str, meta: dict | None = No
 
 
 def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int | None = None,
-                  max_len: int = 2048, kernel: str | None = None) -> list[BenchEngine]:
+                  max_len: int = 2048, kernel: str | None = None, weights: str | None = None) -> list[BenchEngine]:
     """The engines for one model: transformers eager, adaroute dense, adaroute routed when the model
-    has routed layers, and llama.cpp when a GGUF file is given and ``llama_cpp`` is importable."""
+    has routed layers, and llama.cpp when a GGUF file is given and ``llama_cpp`` is importable.
+
+    ``weights``: the format the adaroute engines run at (``adaroute.runtime.formats``; None = f32); at
+    q8/q4 they are named with it (``adaroute-dense q8_0``, ``adaroute-routed q8_0``) and share one set of
+    quantised weights. transformers eager always runs the float32 model."""
+    from adaroute.runtime.formats import F32, parse_format, runtime_weights
     from adaroute.runtime.weights import is_routed_mlp
 
-    dense = runtime_engine(model, routed=False, kernel=kernel)
-    engines = [hf_eager_engine(model, dense.bytes_per_step), dense]
+    fmt = parse_format(weights)
+    held = runtime_weights(model, fmt)  # one set of weights for both adaroute engines
+    suffix = "" if fmt == F32 else f" {fmt}"
+    dense = runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute-dense{suffix}", weights=held)
+    if fmt == F32:
+        eager_bytes = dense.bytes_per_step
+    else:  # transformers reads the float32 weights
+        float_bytes = sum(runtime_weights(model, F32, 1).weight_bytes().values())
+        eager_bytes = lambda: float_bytes  # noqa: E731
+    engines = [hf_eager_engine(model, eager_bytes), dense]
     if any(is_routed_mlp(m) for m in model.modules()):
-        engines.append(runtime_engine(model, routed=True, kernel=kernel))
+        engines.append(runtime_engine(None, routed=True, kernel=kernel, name=f"adaroute-routed{suffix}",
+                                      weights=held))
     if gguf_path:
         blocks = blocks_engine(gguf_path, max_len, kernel)
         if blocks is not None:

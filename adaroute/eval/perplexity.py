@@ -117,3 +117,27 @@ def perplexity(model: nn.Module, tokenizer, text: str, window: int = 512, max_to
         nll += window_nll(logits, w).item()
         scored += w.shape[1] - 1
     return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def iter_runtime_logits(engine, wins: list[torch.Tensor], desc: str = "") -> Iterator[tuple[torch.Tensor, ...]]:
+    """Like ``iter_logits``, with the runtime ``engine`` (adaroute.runtime.Engine) computing each
+    window in one forward call from an empty cache: (ids [1, W], logits [1, W, V])."""
+    for w in tqdm(wins, desc=desc or "windows", unit="win", leave=False):
+        yield w, engine.forward(w, engine.new_cache(1, w.shape[1]), all_logits=True)
+
+
+def runtime_perplexity(weights, tokenizer, text: str, window: int = 512, max_tokens: int | None = None,
+                       desc: str = "", kernel: str | None = None) -> PerplexityResult:
+    """Perplexity computed by the runtime engine on ``weights`` (a ``ModelWeights`` at any format,
+    ``adaroute.runtime.formats.runtime_weights``), every FFN dense, under this module's protocol."""
+    from adaroute.runtime import Engine, ExecutionPolicy
+
+    engine = Engine(weights, kernel=kernel, policy=ExecutionPolicy.always_dense())
+    check_window_fits(window, weights.max_positions)
+    start, nll, scored = time.perf_counter(), 0.0, 0
+    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    for w, logits in iter_runtime_logits(engine, wins, desc):
+        nll += window_nll(logits, w).item()
+        scored += w.shape[1] - 1
+    return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - start)

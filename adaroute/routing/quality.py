@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from adaroute.routing.policy import LayerPolicy
 from adaroute.routing.profile import apply_density
 from adaroute.routing.routed_mlp import RoutedMLP
-from adaroute.routing.stats import Collector, RoutingStats, Tee, collecting
+from adaroute.routing.stats import Collector, LayerCounts, RoutingStats, Tee, collecting
 from adaroute.routing.surgery import routed_modules
 
 
@@ -115,19 +115,101 @@ def _score_windows(model: nn.Module, mods: list[RoutedMLP], wins: list[torch.Ten
         used, slots = stats.totals()
         with collecting(model, sink):
             routed = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-        target = w[0, 1:]
-        win = {"nll_dense": F.cross_entropy(dense, target, reduction="sum").item(),
-               "nll_routed": F.cross_entropy(routed, target, reduction="sum").item(),
-               "agree": (dense.argmax(-1) == routed.argmax(-1)).sum().item(), "tokens": target.numel()}
-        logp_d, logp_r = F.log_softmax(dense, -1), F.log_softmax(routed, -1)
-        sums["kl"] += (logp_d.exp() * (logp_d - logp_r)).sum().item()
-        for key, value in win.items():
-            sums[key] += value
+        win = _add_window(sums, dense, routed, w[0, 1:])
         now_used, now_slots = stats.totals()
         # a window whose routed layers all ran dense reports no selections: density 1
         win["density"] = (now_used - used) / (now_slots - slots) if now_slots > slots else 1.0
         sums["per_window"].append(win)
     return sums, stats
+
+
+def _add_window(sums: dict, dense: torch.Tensor, routed: torch.Tensor, target: torch.Tensor) -> dict:
+    """Add one window's NLLs, agreement and KL to ``sums``, from dense and routed logits [W-1, V] and
+    the next tokens [W-1]; returns the window's own record (without its density)."""
+    win = {"nll_dense": F.cross_entropy(dense, target, reduction="sum").item(),
+           "nll_routed": F.cross_entropy(routed, target, reduction="sum").item(),
+           "agree": (dense.argmax(-1) == routed.argmax(-1)).sum().item(), "tokens": target.numel()}
+    logp_d, logp_r = F.log_softmax(dense, -1), F.log_softmax(routed, -1)
+    sums["kl"] += (logp_d.exp() * (logp_d - logp_r)).sum().item()
+    for key, value in win.items():
+        sums[key] += value
+    return win
+
+
+def compare_with_dense_runtime(
+    weights,
+    routed_model: nn.Module,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    max_tokens: int | None = None,
+    density: float | None = None,
+    desc: str = "",
+    kernel: str | None = None,
+) -> dict[str, Any]:
+    """``compare_with_dense`` computed by the runtime engine on ``weights`` (``ModelWeights`` of
+    ``routed_model`` at any format, ``adaroute.runtime.formats.runtime_weights``): the same windows,
+    keys and meanings, dense = every FFN unit of the same weights, routed = every token of every window
+    sparse, as the routed model computes it (the runtime's per-token dense fail-safe is off, so the
+    numbers are the router's own selections). The policies are those the weights' routed modules hold
+    (set a density with ``apply_density`` before building the weights; ``density`` is only recorded).
+    Byte shares are of the weights as held (block bytes at q8/q4); FLOP shares as in ``cost_shares``.
+    """
+    from adaroute.eval.perplexity import tokenize, windows
+    from adaroute.runtime import Engine, ExecutionPolicy
+    from adaroute.runtime.weights import RoutedFFN
+
+    mods = routed_modules(routed_model)
+    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    dense_engine = Engine(weights, kernel=kernel, policy=ExecutionPolicy.always_dense())
+    engine = Engine(weights, kernel=kernel, policy=ExecutionPolicy.always_sparse())
+    engine.failsafe = None
+    engine.record_units = True
+    usage = engine.start_unit_usage()  # [L, F]
+    routed_layers = {i: ly.ffn.w_gate.shape[0] for i, ly in enumerate(weights.layers) if isinstance(ly.ffn, RoutedFFN)}
+    hist = {i: torch.zeros(f + 1, dtype=torch.long) for i, f in routed_layers.items()}  # units per token
+    tokens = dict.fromkeys(routed_layers, 0)
+    sums = {"nll_dense": 0.0, "nll_routed": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0, "per_window": []}
+    with torch.inference_mode():
+        for w in tqdm(wins, desc=desc or "routed vs dense", unit="win", leave=False):
+            d = dense_engine.forward(w, dense_engine.new_cache(1, w.shape[1]), all_logits=True)[0, :-1].float()
+            r = engine.forward(w, engine.new_cache(1, w.shape[1]), all_logits=True)[0, :-1].float()
+            win = _add_window(sums, d, r, w[0, 1:])
+            used = slots = 0
+            for i, units in routed_layers.items():
+                counts = engine.last_units[i].cpu()  # [W], -1 when the layer ran dense
+                if bool((counts >= 0).all()):
+                    hist[i] += torch.bincount(counts, minlength=units + 1)
+                    tokens[i] += counts.numel()
+                    used, slots = used + int(counts.sum()), slots + counts.numel() * units
+            win["density"] = used / slots if slots else 1.0  # as compare_with_dense: no selections, density 1
+            sums["per_window"].append(win)
+    stats = RoutingStats()
+    for i, units in routed_layers.items():
+        if tokens[i]:
+            stats.layers[i] = LayerCounts(units, tokens[i], hist[i], usage[i, :units].clone())
+    result = _result(sums, stats, mods, len(wins), density)
+    result.update(runtime_byte_shares(weights, dict(zip((m.layer_idx for m in mods), result["layer_density"],
+                                                        strict=True)), {m.layer_idx for m in mods if m.is_dense}))
+    return result
+
+
+def runtime_byte_shares(weights, layer_density: dict[int, float], dense_layers: set[int]) -> dict[str, float]:
+    """FFN, router and adapter bytes read per token over the dense FFN's, of the routed layers of
+    ``weights`` as held (block bytes at q8/q4), each at its density; ``dense_layers`` run dense (no router)."""
+    import dataclasses
+
+    from adaroute.runtime.weights import weight_bytes
+
+    dense_total = part_ffn = part_router = part_adapter = 0
+    for i, d in layer_density.items():
+        one = dataclasses.replace(weights, layers=[weights.layers[i]])
+        dense_total += weight_bytes(one)["ffn"]
+        sparse = weight_bytes(one, None if i in dense_layers else d)
+        part_ffn, part_router, part_adapter = (part_ffn + sparse["ffn"], part_router + sparse["router"],
+                                               part_adapter + sparse["adapter"])
+    return {"ffn_bytes_share": (part_ffn + part_router + part_adapter) / dense_total,
+            "router_bytes_share": part_router / dense_total, "adapter_bytes_share": part_adapter / dense_total}
 
 
 def _result(sums: dict, stats: RoutingStats, mods: list[RoutedMLP], n_windows: int, density) -> dict[str, Any]:

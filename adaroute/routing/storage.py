@@ -1,7 +1,9 @@
 """Routed model directory: write it, and read it back with key, shape and version checks.
 
 Layout:
-    config.json        {"adaroute": {format_version, base_model, base_config, routing, router, layers}}
+    config.json        {"adaroute": {format_version, base_model, base_config, routing, router, layers, weights}}
+                       (weights: the format it runs at, adaroute.runtime.formats; absent in older
+                       directories, which run at f32)
     model.safetensors  every weight of the model as the routed runtime holds it: base weights with each
                        FFN unit-packed (w_units [F, 3, H]: gate row, up row, down column) plus router weights
     tokenizer files    whatever the tokenizer's save_pretrained writes
@@ -40,6 +42,9 @@ from adaroute.routing.validation import (
 
 # Version 2 added routing adapters (``adapter_rank`` per layer, adapter tensors in the weights); a
 # version-1 directory is the same without them and loads as a model without adapters.
+# The ``weights`` key (the format the model runs at) needs no new version: model.safetensors holds
+# float32 weights at every format (the blocks are made when the model is loaded to run), so an adaroute
+# that ignores the key still loads the directory correctly, at f32; a directory without it runs at f32.
 READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
@@ -51,12 +56,19 @@ def save_routed(
     routing: RoutingConfig,
     calibration: dict[str, Any] | None = None,
     replace: bool = False,
+    weights: str = "f32",
 ) -> Path:
     """Write a self-contained routed model directory; returns its path.
 
     The directory is written beside its final path and renamed into place when complete, so an
     interrupted save never leaves a half-written model; ``replace`` swaps out an existing one whole.
+    ``weights``: the format the model runs at (``adaroute.runtime.formats``), recorded in config.json;
+    the weights themselves are written in float32 whatever the format.
     """
+    from adaroute.runtime.formats import check_adapters, has_adapters, parse_format
+
+    weights = parse_format(weights)
+    check_adapters(weights, has_adapters(model))
     mods = routed_modules(model)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -65,6 +77,7 @@ def save_routed(
         "routing": routing.to_dict(),
         "router": {"kind": "int4_shadow", "bits": 4, "group_size": mods[0].router.group_size},
         "layers": [_layer_entry(m) for m in mods],
+        "weights": weights,
     }
     with atomic_dir(directory, replace=replace) as tmp:
         save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})

@@ -68,6 +68,12 @@ def check_meta(meta: Any, file: Path, readable_versions: tuple[int, ...]) -> dic
     if meta["router"]["group_size"] <= 0:
         raise fail(file, "router.group_size must be positive")
     _check_layers(meta["layers"], file, base["num_hidden_layers"], base["intermediate_size"])
+    from adaroute.runtime.formats import recorded_format
+
+    try:
+        recorded_format(meta)  # the weight format the model was converted for (absent: f32)
+    except ValueError as e:
+        raise fail(file, str(e)) from e
     return meta
 
 
