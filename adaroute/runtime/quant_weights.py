@@ -135,10 +135,11 @@ def _rotary_holder(cfg) -> SimpleNamespace:
 
 
 def weight_format(w: ModelWeights) -> str:
-    """The format of the FFN and attention matrices ("f32", "q4_1", ...; "mixed" when they differ).
-    The embedding and head are left out: GGUF files often keep them at higher precision."""
+    """The format of the attention matrices and FFN gate/up ("f32", "q4_1", ...; "mixed" when they
+    differ). The embedding, head and routed down rows are left out: GGUF files often keep the head at
+    higher precision, and a 4-bit routed model keeps its down rows at 8 bits (``quantise``)."""
     fmts = {getattr(m, "fmt", "f32") for ly in w.layers
-            for m in (ly.wq, ly.wk, ly.wv, ly.wo, ly.ffn.w_gate, ly.ffn.w_up, ly.ffn.w_down)}
+            for m in (ly.wq, ly.wk, ly.wv, ly.wo, ly.ffn.w_gate, ly.ffn.w_up)}
     return fmts.pop() if len(fmts) == 1 else "mixed"
 
 
@@ -148,9 +149,12 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     tensors stay as they are. A routed FFN's three unit matrices become views of one unit-packed
     block store [F, bytes of three rows], so a selected unit is one contiguous read, as in float32.
 
-    ``router`` per routed layer: "shadow" (the int4 shadow scores every unit), "exact" (gate and up are
-    computed for every unit and scored exactly; only the selected down rows are read) or "auto":
-    whichever reads fewer bytes at the layer's expected density (``router_for``)."""
+    ``router`` per routed layer: "exact" (the default, also "auto": gate and up of every unit through
+    the g16 kernels and scored exactly, then only the selected down rows) or "shadow" (the int4
+    shadow scores every unit, then the selected units' three rows are gathered from one unit-packed
+    store). By bytes the shadow wins at q8_0 and low density (docs/quantised.md), but its gather runs
+    the row layout's compute-bound kernels: measured, the exact router decodes 1.3-1.6x faster at
+    q8_0 and q4_1, densities 0.5 and 0.35 (docs/perf.md, item 21)."""
     from adaroute.kernels.quant_reference import quantize
 
     done: dict[int, QuantWeight] = {}  # by data_ptr: the tied head stays the embedding
@@ -174,8 +178,7 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
             raise ValueError("quantised routed FFNs do not run routing adapters yet; quantise the base model")
         fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
         parts = [quantize(m.contiguous(), to) for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
-        blocks = dataclasses.replace(f, w_gate=parts[0], w_up=parts[1], w_down_t=parts[2])
-        if (router if router != "auto" else router_for(blocks, f.expected_density() or 0.5)) == "exact":
+        if router in ("auto", "exact"):
             # every gate/up row is read: the g16 layout (the dense kernels' speed), down rows by unit
             return dataclasses.replace(f, w_gate=pack16(parts[0]), w_up=pack16(parts[1]), w_down_t=parts[2],
                                        shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
@@ -188,15 +191,3 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     layers = [dataclasses.replace(ly, wq=q(ly.wq), wk=q(ly.wk), wv=q(ly.wv), wo=q(ly.wo), ffn=ffn(ly.ffn))
               for ly in w.layers]
     return dataclasses.replace(w, embed=q(w.embed, head_fmt), head=q(w.head, head_fmt), layers=layers)
-
-
-def router_for(f, density: float) -> str:
-    """The router that reads fewer bytes per token for a routed FFN at ``density``: the int4 shadow
-    (shadow + density * every unit's three rows) or exact gate/up (gate + up + density * down rows).
-    At float32 the shadow is 10 % of the FFN and wins; at q4 it is as large as gate/up themselves."""
-    def nbytes(*ts):
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    gate_up, down = nbytes(f.w_gate, f.w_up), nbytes(f.w_down_t)
-    shadow = nbytes(f.shadow_q, f.shadow_scale) + density * (gate_up + down)
-    return "exact" if gate_up + density * down < shadow else "shadow"

@@ -108,21 +108,26 @@ def test_quantised_routed_model_equals_its_dequantised_twin(fmt):
     torch.testing.assert_close(out["blocks"], out["float"], rtol=1e-4, atol=1e-4)
 
 
-def test_router_is_chosen_per_format_by_bytes():
-    """Float32: the int4 shadow is a tenth of the FFN and wins; q4: it costs as much as gate/up, so
-    the exact router (gate/up of every unit, down rows of the selected) reads fewer bytes."""
+def test_quantised_routed_layers_take_the_exact_router():
+    """By default every routed layer of a quantised model scores gate/up exactly (g16 gate/up, down
+    rows by unit), and reads fewer bytes at density 0.5 than with every unit; "shadow" keeps the
+    unit-packed store and the int4 shadow."""
     from adaroute.routing import route_model
-    from adaroute.runtime.quant_weights import quantise, router_for
+    from adaroute.runtime.quant_weights import quantise
     from adaroute.runtime.weights import from_model
     from tests.fixtures import make_tiny_llama
 
     model = make_tiny_llama(seed=3, hidden=128, intermediate=512)
     route_model(model)
     w = from_model(model)
-    assert router_for(w.layers[0].ffn, 0.5) == "shadow"
-    q4 = quantise(w, "q4_1")
-    assert q4.layers[0].ffn.shadow_q.numel() == 0 and q4.head.fmt == "q8_0"
-    assert sum(q4.weight_bytes(0.5).values()) < sum(q4.weight_bytes(None).values())
+    for fmt in ("q8_0", "q4_1"):
+        q = quantise(w, fmt)
+        ffn = q.layers[0].ffn
+        assert ffn.shadow_q.numel() == 0 and ffn.w_gate.layout == "g16" and ffn.w_down_t.layout == "rows"
+        assert sum(q.weight_bytes(0.5).values()) < sum(q.weight_bytes(None).values())
+        shadow = quantise(w, fmt, router="shadow").layers[0].ffn
+        assert shadow.shadow_q.numel() > 0 and shadow.w_gate.layout == "rows"
+    assert quantise(w, "q4_1").head.fmt == "q8_0"
 
 
 def test_bench_runs_the_files_own_blocks(files):
