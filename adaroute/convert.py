@@ -50,17 +50,15 @@ def convert(
     routing / train: full configs; when omitted, ``RoutingConfig(density=density)`` and the named preset.
     output:     directory to write (model.safetensors, config.json, tokenizer, calibration.json).
     weights:    the format the routed model runs at (``adaroute.runtime.formats``: f32, q8, q4, q4_0),
-                recorded in config.json; the stored weights are float32 at every format. Routing adapters
-                run on float32 only, so q8/q4 with a preset that trains adapters fails before training.
+                recorded in config.json; the stored weights are float32 at every format.
     """
     from adaroute.data import load_texts
     from adaroute.models import load_model
-    from adaroute.runtime.formats import check_adapters, parse_format
+    from adaroute.runtime.formats import parse_format
 
     routing = routing or RoutingConfig(density=density)
     train = train or TrainConfig.from_name(preset)
     weights = parse_format(weights)
-    check_adapters(weights, trains_adapters(train, routing))  # before any slow work
     specs = [calib] if isinstance(calib, str) else list(calib)
     if output is not None:
         check_convert_output(output, model if isinstance(model, str) else None, specs, force)
@@ -95,12 +93,6 @@ def convert(
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
     return ConvertResult(model, tokenizer, report, calibration, directory)
-
-
-def trains_adapters(train: TrainConfig, routing: RoutingConfig) -> bool:
-    """Whether conversion with ``train`` trains routing adapters (its distillation stage adds them to
-    every layer left below density 1, so to none at density 1)."""
-    return bool(train.distill_steps and train.adapt_rank and routing.density < 1.0)
 
 
 def check_convert_output(output: str | Path, model_spec: str | None, calib: list[str], force: bool = False) -> Path:

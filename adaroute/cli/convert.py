@@ -33,13 +33,13 @@ def add_parser(sub) -> None:
                    help="rank of the routing adapters (default: the preset's, 16 in default)")
     p.add_argument("--weights", default="f32", metavar="FORMAT",
                    help="weight format the routed model runs at, recorded in its config.json: f32 (default), "
-                        "q8 (q8_0) or q4 (q4_1), also q4_0; q8/q4 need --no-adapt (adapters run on float32)")
+                        "q8 (q8_0) or q4 (q4_1), also q4_0")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from adaroute.config import RoutingConfig, TrainConfig
-    from adaroute.runtime.formats import check_adapters, parse_format
+    from adaroute.runtime.formats import parse_format
 
     weights = parse_format(args.weights)
 
@@ -51,9 +51,6 @@ def run(args) -> int:
         train = TrainConfig.from_name(args.preset, **overrides)
     except ValueError as e:
         raise AdarouteError(f"bad option: {e}") from e
-    from adaroute.convert import trains_adapters
-
-    check_adapters(weights, trains_adapters(train, routing))  # before the model loads and trains
     if train.calib_tokens < train.window:
         raise AdarouteError(f"--calib-tokens {train.calib_tokens} is less than one calibration window "
                             f"({train.window} tokens): use at least {train.window}")

@@ -187,9 +187,9 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
     """Fused score -> select -> compute (with the routing adapter's low-rank terms for the selected
     units when given). Returns (y [T, H], counts [T] int64); adds the selection to ``usage`` [F] (int64,
     contiguous) when given, as ``reference.add_usage``."""
-    if is_quant(w_gate) and adapter is None:
+    if is_quant(w_gate):
         return quant_cpu.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
-                                    min_units, max_units, residual, usage)
+                                    min_units, max_units, residual, usage, adapter)
     ok = _routable(x, w_gate, w_up, w_down_t, shadow_scale, unit_bias) and shadow_q.is_contiguous()
     ok = ok and _group_size(x, shadow_scale) % reference.GROUP == 0
     ok = ok and (adapter is None or all(t.dtype is _F32_DTYPE and t.is_contiguous() for t in adapter))

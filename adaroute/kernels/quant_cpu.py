@@ -32,7 +32,7 @@ _SIGNATURES = {
     "ar_qlinear": [_P, _I64, _I64, _I32, _P, _P, _P, _P, _I64, _I32, _I32],
     "ar_qgate_up_silu": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _I32],
     "ar_qrouted_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, ctypes.c_float, _I64, _I64,
-                       _I32, _P, _P, _I32, _I32, _P],
+                       _I32, _P, _P, _I32, _I32, _P, _I64, _P, _P, _P],
 }
 
 
@@ -122,17 +122,19 @@ def unit_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight, m
 
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float, min_units: int,
-               max_units: int, residual=None, usage: torch.Tensor | None = None):
+               max_units: int, residual=None, usage: torch.Tensor | None = None, adapter=None):
     """Score -> select -> the selected quantised units. Scores from the int4 shadow (as
     ``reference.router_scores``) or, when ``shadow_q`` is empty, from exact gate and up
     (``quant_reference.exact_scores``: every gate/up row is read, then only the selected down rows).
-    ``usage`` [F] int64: the selection is added to it, as ``reference.add_usage``."""
+    ``usage`` [F] int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
+    (``reference.Adapter``, float32; exact router only): its low-rank terms for the selected units,
+    as ``reference.unit_ffn`` applies them, on the activations the g16 products saw."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
-                   residual, all_units=False, usage=usage)
+                   residual, all_units=False, usage=usage, adapter=adapter)
 
 
 def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
-            residual, all_units: bool, mask=None, usage=None):
+            residual, all_units: bool, mask=None, usage=None, adapter=None):
     from adaroute.kernels import reference  # noqa: PLC0415
     from adaroute.kernels.cpu import usage_ptr  # noqa: PLC0415 (cpu imports this module)
 
@@ -140,14 +142,18 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     exact = not all_units and shadow_q.numel() == 0
     if w_gate.layout == "g16" and not (exact or all_units):
         raise ValueError("gate/up in the g16 layout run with the exact router only (empty shadow_q)")
-    if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()):
+    if adapter is not None and not exact:
+        raise ValueError("routing adapters on quantised units run with the exact router only (empty shadow_q)")
+    adapter_ok = adapter is None or all(t.dtype == torch.float32 and t.is_contiguous() for t in adapter)
+    if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()) \
+            or not adapter_ok:
         ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
         if all_units:
             return reference.unit_ffn(x, *ws, mask, residual), None
         if exact:
             mask = reference.select_units(qr.exact_scores(x, *ws[:2], unit_bias), threshold, min_units, max_units)
             reference.add_usage(usage, mask)
-            return reference.unit_ffn(x, *ws, mask, residual), mask.sum(-1)
+            return reference.unit_ffn(x, *ws, mask, residual, adapter), mask.sum(-1)
         return reference.routed_ffn(x, *ws, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
                                     residual, usage=usage)
     t, h = x.shape
@@ -157,11 +163,13 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     group = h // shadow_scale.shape[1] if shadow_scale is not None and shadow_scale.shape[1] else BLOCK
     usage_p = None if all_units else usage_ptr(usage, f)
     router = [0 if r is None or r.numel() == 0 else r.data_ptr() for r in (shadow_q, shadow_scale, unit_bias)]
+    adapter_args = (0, None, None, None) if adapter is None else (adapter.rank, *(a.data_ptr() for a in adapter))
     for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
         xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
         _lib().ar_qrouted_ffn(xs.data_ptr(), xs.shape[0], h, f, w_gate.data_ptr(), w_up.data_ptr(),
                               w_down_t.data_ptr(), ldw, fmt_code(w_gate), FMT_CODES[w_down_t.fmt], router[0],
                               router[1], group, router[2],
                               float(threshold), int(min_units), int(max_units), int(all_units), ys.data_ptr(),
-                              cs.data_ptr(), int(residual is not None), torch.get_num_threads(), usage_p)
+                              cs.data_ptr(), int(residual is not None), torch.get_num_threads(), usage_p,
+                              *adapter_args)
     return y, counts

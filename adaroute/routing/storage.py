@@ -65,10 +65,9 @@ def save_routed(
     ``weights``: the format the model runs at (``adaroute.runtime.formats``), recorded in config.json;
     the weights themselves are written in float32 whatever the format.
     """
-    from adaroute.runtime.formats import check_adapters, has_adapters, parse_format
+    from adaroute.runtime.formats import parse_format
 
     weights = parse_format(weights)
-    check_adapters(weights, has_adapters(model))
     mods = routed_modules(model)
     meta = {
         "format_version": FORMAT_VERSION,

@@ -8,11 +8,8 @@ Names users may give (``--weights`` of convert, eval and bench): ``f32``; ``q8``
 ``q4_1``; ``q4_0``. The canonical names (``FORMATS``) are GGUF's block formats. A routed model directory
 records the format it was converted for in config.json (``"adaroute": {"weights": "q4_1"}``); the file
 itself always holds float32 weights, and the blocks are made from them when the model is loaded to run
-(``quantise``: ggml's rounding; the router stays the int4 shadow or becomes exact, whichever reads fewer
-bytes). A directory without the field runs at f32.
-
-Routing adapters run on float32 weights only (``quantise`` has no quantised adapter path), so a routed
-model with adapters cannot be run at q8/q4: convert it with ``--no-adapt`` for those formats.
+(``quantise``: ggml's rounding; routed layers take the exact router, routing adapters stay float32 and
+apply to the selected units). A directory without the field runs at f32.
 
 Nothing here imports torch at module level (``runtime_weights`` imports the runtime when called).
 """
@@ -27,8 +24,6 @@ F32 = "f32"
 FORMATS = (F32, "q8_0", "q4_0", "q4_1")  # canonical names, as recorded in config.json
 ALIASES = {"f32": F32, "q8": "q8_0", "q8_0": "q8_0", "q4": "q4_1", "q4_1": "q4_1", "q4_0": "q4_0"}
 CHOICES = "f32, q8 (= q8_0), q4 (= q4_1) or q4_0"
-ADAPTER_MESSAGE = ("routing adapters run on float32 weights: convert the model with --no-adapt to run it at "
-                   "q8/q4, or use --weights f32")
 
 
 def parse_format(name: str | None, option: str = "--weights") -> str:
@@ -55,39 +50,23 @@ def recorded_format(meta: dict[str, Any] | None) -> str:
 def model_format(info, requested: str | None = None) -> str:
     """The format to run a model inspected with ``adaroute.models.inspect_model`` at: ``requested``
     (a user's name) or, when None, a routed directory's recorded format (f32 for Hugging Face
-    directories and GGUF files). Checked before any weights load: a routed directory with routing
-    adapters at a quantised format is an AdarouteError."""
+    directories and GGUF files)."""
     meta = None
     if info.routed:
         from adaroute.routing.storage import read_meta
 
         meta = read_meta(info.source.directory)
-    fmt = parse_format(requested) if requested is not None else recorded_format(meta)
-    check_adapters(fmt, any(e.get("adapter_rank", 0) for e in (meta or {}).get("layers", [])))
-    return fmt
-
-
-def check_adapters(fmt: str, has_adapters: bool) -> None:
-    """AdarouteError when routing adapters would have to run at a quantised format."""
-    if has_adapters and parse_format(fmt) != F32:
-        raise AdarouteError(ADAPTER_MESSAGE)
-
-
-def has_adapters(model) -> bool:
-    """Whether any routed layer of a loaded model carries a routing adapter."""
-    return any(getattr(m, "adapter", None) is not None for m in model.modules() if hasattr(m, "w_down_t"))
+    return parse_format(requested) if requested is not None else recorded_format(meta)
 
 
 def runtime_weights(model, fmt: str | None, max_positions: int | None = None):
     """The runtime's ``ModelWeights`` of a loaded model at ``fmt`` (any name ``parse_format`` takes;
     None = f32): ``from_model`` (views of the model's float32 tensors), then ``quantise`` for q8/q4.
 
-    A routed layer's router is chosen by ``quantise`` at the layer's current threshold, so set a
-    density (``apply_density``) before calling this, not after."""
+    Routed layers read the thresholds of their modules' current density when the engine runs."""
     from adaroute.runtime.weights import from_model
 
     fmt = parse_format(fmt)
-    check_adapters(fmt, has_adapters(model))
     weights = from_model(model, max_positions)
     if fmt == F32:
         return weights

@@ -26,7 +26,8 @@ class ArQLayer(ctypes.Structure):
                [(n, _I64) for n in ("fq", "fk", "fv", "fo", "fg", "fu", "fd", "q_rows", "kv_rows", "units")] + \
                [(n, _P) for n in ("shadow_q", "shadow_scale", "unit_bias")] + \
                [(n, _I64) for n in ("ldw", "group_size", "kind", "min_units", "max_units", "sparse_max_tokens")] + \
-               [("threshold", ctypes.c_float)] + [(n, _I64) for n in ("band_lo", "band_hi", "fault")]
+               [("threshold", ctypes.c_float)] + [(n, _I64) for n in ("band_lo", "band_hi", "fault")] + \
+               [(n, _P) for n in ("a_in", "a_units", "a_out")] + [("adapter_rank", _I64)]
 
 
 def is_quantised(w: ModelWeights) -> bool:
@@ -66,6 +67,9 @@ class QuantDecoder(FusedDecoder):
                 c.shadow_q = f.shadow_q.data_ptr() if f.shadow_q.numel() else None
                 c.shadow_scale = f.shadow_scale.data_ptr() if f.shadow_scale.numel() else None
                 c.unit_bias = f.unit_bias.data_ptr()
+                if f.adapter is not None:
+                    c.a_in, c.a_units, c.a_out = (t.data_ptr() for t in f.adapter)
+                    c.adapter_rank = f.adapter.rank
                 c.group_size = ly.wq.shape[1] // f.shadow_scale.shape[1] if f.shadow_scale.numel() else BLOCK
                 self._routed.append((i, f))
 
@@ -79,7 +83,8 @@ class QuantDecoder(FusedDecoder):
             if not all(map(is_quant, _matrices(ly))) or ly.ffn.w_gate.layout != ly.ffn.w_up.layout:
                 return None  # mixed layers: the engine's Python path
             f = ly.ffn
-            if isinstance(f, RoutedFFN) and (f.adapter is not None or _unit_stride(f.w_gate, f.w_up, f.w_down_t) is None
+            if isinstance(f, RoutedFFN) and (f.adapter is not None and (f.shadow_q.numel() or not _plain(*f.adapter))
+                                             or _unit_stride(f.w_gate, f.w_up, f.w_down_t) is None
                                              or not _plain(f.unit_bias, f.shadow_scale) or
                                              not f.shadow_q.is_contiguous()):
                 return None

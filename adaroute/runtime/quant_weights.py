@@ -174,8 +174,8 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     def ffn(f):
         if isinstance(f, DenseFFN):
             return DenseFFN(q(f.w_gate), q(f.w_up), q(f.w_down))
-        if getattr(f, "adapter", None) is not None:
-            raise ValueError("quantised routed FFNs do not run routing adapters yet; quantise the base model")
+        if getattr(f, "adapter", None) is not None and router == "shadow":
+            raise ValueError("routing adapters on quantised units run with the exact router: use router='exact'")
         fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
         parts = [quantize(m.contiguous(), to) for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
         if router in ("auto", "exact"):

@@ -139,3 +139,33 @@ def test_exact_router_on_g16_gate_up_matches_reference(fmt, tokens):
     close(quant_cpu.unit_ffn(x, *units), reference.unit_ffn(xr, *floats))
     with pytest.raises(ValueError, match="exact router"):
         quant_cpu.routed_ffn(x, *units, t["shadow_q"], t["shadow_scale"], t["unit_bias"], threshold, 4, 90)
+
+
+@pytest.mark.parametrize("layout", ["rows", "g16"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_exact_router_applies_routing_adapters(layout, tokens):
+    """Routing adapters on quantised units (exact router): the selection comes from the base gate/up,
+    the adapter corrects the selected units only, as ``reference.unit_ffn`` with the mask; the dense
+    pass (every unit) stays the base FFN."""
+    from adaroute.kernels import reference
+    from tests.kernels.test_adapter_kernels import adapter
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
+
+    t = routed_tensors(tokens + 30)
+    units = [qr.quantize(t[k], "q8_0") for k in ("w_gate", "w_up", "w_down_t")]
+    if layout == "g16":
+        units[:2] = [qr.pack16(u) for u in units[:2]]
+    floats = [u.dequantize() for u in units]
+    a = adapter(seed=tokens, rank=4)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(8))
+    xr = qr.round_activations(x) if layout == "g16" else x
+    scores = qr.exact_scores(xr, *floats[:2], t["unit_bias"])
+    threshold = gap_threshold(scores, 0.5)
+    empty = t["shadow_q"][:0], t["shadow_scale"][:0]
+    y, counts = quant_cpu.routed_ffn(x, *units, *empty, t["unit_bias"], threshold, 4, 90, adapter=a)
+    mask = reference.select_units(scores, threshold, 4, 90)
+    assert torch.equal(counts, mask.sum(-1))
+    expect = reference.unit_ffn(xr, *floats, mask, adapter=a)
+    close(y, expect)
+    assert not torch.allclose(expect, reference.unit_ffn(xr, *floats, mask), atol=1e-3)  # the adapter did it
+    close(quant_cpu.unit_ffn(x, *units), reference.unit_ffn(xr, *floats))

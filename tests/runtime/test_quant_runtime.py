@@ -144,11 +144,13 @@ def test_bench_runs_the_files_own_blocks(files):
     assert not [e for e in build_engines(model, str(files["F32"]), max_len=32) if e.name.startswith("adaroute q")]
 
 
-@pytest.mark.parametrize(("fmt", "router"), [("q8_0", "shadow"), ("q8_0", "exact"), ("q4_1", "exact")])
-def test_fused_routed_quantised_step_equals_kernel_by_kernel(fmt, router):
+@pytest.mark.parametrize(("fmt", "router", "rank"), [("q8_0", "shadow", 0), ("q8_0", "exact", 0),
+                                                     ("q4_1", "exact", 0), ("q4_1", "exact", 4)])
+def test_fused_routed_quantised_step_equals_kernel_by_kernel(fmt, router, rank):
     """Routed quantised layers in the one-call step: the same logits, units per token, fail-safe
-    events (a band some tokens leave) and unit usage as the engine's Python path, bit for bit; and
-    injected faults in the sparse kernel are caught there as in the float step."""
+    events (a band some tokens leave) and unit usage as the engine's Python path, bit for bit, with
+    and without routing adapters; and injected faults in the sparse kernel are caught there as in
+    the float step."""
     from adaroute.routing.profile import LayerProfile
     from adaroute.runtime.failsafe import FaultInjector
     from adaroute.runtime.quant_weights import quantise
@@ -159,7 +161,13 @@ def test_fused_routed_quantised_step_equals_kernel_by_kernel(fmt, router):
     for m in mods:  # a band that some tokens leave and others do not
         m.profile = LayerProfile([0.5, 1.0], [m.threshold, -math.inf], [0.0, 0.0], 0.5, "adaptive", m.min_units,
                                  m.max_units, [0, 64])
+        if rank:
+            m.add_adapter(rank, torch.Generator().manual_seed(1))
+            with torch.no_grad():  # reset() starts B at zero (a no-op adapter): make it do something
+                for p in m.adapter.parameters():
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
     w = quantise(from_model(model), fmt, router=router)
+    assert (w.layers[0].ffn.adapter is not None) == bool(rank)
     engines = [Engine(w), Engine(w)]
     engines[1]._fused = None
     assert isinstance(engines[0]._fused, QuantDecoder)

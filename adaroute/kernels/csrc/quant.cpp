@@ -500,18 +500,33 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
 // (q4; q8 at moderate density): gate and up are computed exactly for every unit, scored as the
 // shadow's score is defined but on the exact values, log(|silu(g) u| + 1e-20) + bias, selected by
 // the same policy, and only the selected units' down rows are read.
+// The routing adapter of a routed FFN (rank 0: none), as reference.Adapter: a_in [2r, H], a_units
+// [F, 3, r] (B_g row, B_u row, A_d column of unit i), a_out [H, r]. Applied to the selected units only.
+struct QAdapter {
+  int64_t rank = 0;
+  const float *a_in = nullptr, *a_units = nullptr, *a_out = nullptr;
+};
+
+inline float dot_r(const float* a, const float* b, int64_t r) {
+  float s = 0.0f;
+  for (int64_t k = 0; k < r; ++k) s += a[k] * b[k];
+  return s;
+}
+
 void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const float* unit_bias, float threshold,
                    int64_t min_units, int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate,
-                   int nthreads, int64_t* usage) {
-  std::vector<float> act(t_count * f), score(t_count * f);  // [T, F]: silu(g) u, and its score
+                   int nthreads, int64_t* usage, const QAdapter& ad) {
+  std::vector<float> gate(t_count * f), up(t_count * f), score(t_count * f);  // [T, F]
   auto keep = [&](int64_t i, const float* g, const float* u, int64_t stride) {
     for (int64_t t = 0; t < t_count; ++t) {
-      const float a = silu(g[t * stride]) * u[t * stride];
-      act[t * f + i] = a;
-      if (!all_units) score[t * f + i] = std::log(std::fabs(a) + 1e-20f) + unit_bias[i];
+      const float gt = g[t * stride], ut = u[t * stride];
+      gate[t * f + i] = gt;
+      up[t * f + i] = ut;
+      if (!all_units) score[t * f + i] = std::log(std::fabs(silu(gt) * ut) + 1e-20f) + unit_bias[i];
     }
   };
+  std::vector<float> xr;  // the activations the products saw (int16-rounded for g16): the adapter's input
   if (fmt & kG16) {  // gate and up in the g16 layout: 16 units per group, as ar_qgate_up_silu
     const int64_t nb = h / kBlock, fm = fmt & ~kG16, sg = kLanes * nb * block_bytes(fm), groups = (f + kLanes - 1) / kLanes;
     QX qx;
@@ -522,6 +537,11 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       qdot_group_tokens(wg + g * sg, fm, qx, h, t_count, gv);
       qdot_group_tokens(wu + g * sg, fm, qx, h, t_count, uv);
       for (int64_t r = 0; r < kLanes && g * kLanes + r < f; ++r) keep(g * kLanes + r, gv + r, uv + r, kLanes);
+    }
+    if (ad.rank && !all_units) {
+      xr.resize(t_count * h);
+      for (int64_t t = 0; t < t_count; ++t)
+        for (int64_t k = 0; k < h; ++k) xr[t * h + k] = qx.s[t * nb + k / kBlock] * qx.q[t * h + k];
     }
   } else {
 #pragma omp parallel for schedule(dynamic, kChunk) num_threads(nthreads)
@@ -540,9 +560,30 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
     add_usage(sel.data(), t_count, f, usage);
   }
+  const int64_t r = all_units ? 0 : ad.rank;  // the dense pass is the base FFN: no adapter
+  std::vector<float> z(t_count * 2 * r), zsum(t_count * r, 0.0f);  // [T, 2r] x A^T; [T, r] sum a_i A_d[i]
+  const float* xa = xr.empty() ? x : xr.data();
+  for (int64_t t = 0; t < t_count; ++t)
+    for (int64_t k = 0; k < 2 * r; ++k) z[t * 2 * r + k] = dot_r(ad.a_in + k * h, xa + t * h, h);
+  std::vector<float> act(t_count * f, 0.0f);
+  for (int64_t t = 0; t < t_count; ++t)
+    for (int64_t i = 0; i < f; ++i) {
+      if (!sel[t * f + i]) continue;
+      float g = gate[t * f + i], u = up[t * f + i];
+      if (r) {
+        const float* au = ad.a_units + i * 3 * r;  // B_g row, B_u row, A_d column of unit i
+        g += dot_r(au, z.data() + t * 2 * r, r);
+        u += dot_r(au + r, z.data() + t * 2 * r + r, r);
+      }
+      const float a = silu(g) * u;
+      act[t * f + i] = a;
+      for (int64_t k = 0; k < r; ++k) zsum[t * r + k] += a * ad.a_units[i * 3 * r + 2 * r + k];
+    }
   gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
-    for (int64_t t = 0; t < t_count; ++t) a[t] = sel[t * f + i] ? act[t * f + i] : 0.0f;
+    for (int64_t t = 0; t < t_count; ++t) a[t] = act[t * f + i];
   });
+  for (int64_t t = 0; t < t_count && r; ++t)  // the down adapter's output projection: a_out . zsum[t]
+    for (int64_t k = 0; k < h; ++k) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
 }
 
 }  // namespace
@@ -560,15 +601,18 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
 // (qrouted_exact); all_units != 0 computes every unit (the dense pass in this layout). fmt with kG16
 // added: gate and up are separate matrices in the g16 layout (exact router only), ldw the down rows' stride.
 // counts [T]: units per token; usage [F] (null: not counted) gets each token's selection added.
+// adapter_rank > 0: the routing adapter (QAdapter) corrects the selected units; exact router only.
 void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                     const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const uint8_t* shadow_q,
                     const float* shadow_scale, int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
                     int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads,
-                    int64_t* usage) {
+                    int64_t* usage, int64_t adapter_rank, const float* a_in, const float* a_units, const float* a_out) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
   if ((!all_units && shadow_q == nullptr) || (fmt & kG16)) {  // exact router: all gate/up, the chosen down rows
+    QAdapter ad;
+    ad.rank = adapter_rank, ad.a_in = a_in, ad.a_units = a_units, ad.a_out = a_out;
     qrouted_exact(x, t_count, h, f, wg, wu, wd_t, ldw, fmt, fmt_d, unit_bias, threshold, min_units, max_units,
-                  all_units, y, counts, accumulate, nthreads, usage);
+                  all_units, y, counts, accumulate, nthreads, usage, ad);
     return;
   }
   if (!all_units) {
@@ -612,6 +656,8 @@ struct ArQLayer {
   int64_t ldw, group_size, kind, min_units, max_units, sparse_max_tokens;
   float threshold;
   int64_t band_lo, band_hi, fault;
+  const float *a_in, *a_units, *a_out;  // routing adapter (exact router, sparse path only)
+  int64_t adapter_rank;                 // 0: no adapter
 };
 
 void ar_qdecode_layers(const ArQLayer* layers, const ArStep* s) {
@@ -640,7 +686,7 @@ void ar_qdecode_layers(const ArQLayer* layers, const ArStep* s) {
     auto run = [&](int all_units, float* y, int64_t* c, int accumulate, int64_t* usage) {
       ar_qrouted_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.fg, ly.fd, ly.shadow_q,
                      ly.shadow_scale, ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, all_units,
-                     y, c, accumulate, th, usage);
+                     y, c, accumulate, th, usage, all_units ? 0 : ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out);
     };
     const bool every_unit = std::isinf(ly.threshold) && ly.threshold < 0 && ly.max_units >= ly.units;
     const bool sparse = n <= ly.sparse_max_tokens && !every_unit;
