@@ -517,13 +517,16 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
                    const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const float* unit_bias, float threshold,
                    int64_t min_units, int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate,
                    int nthreads, int64_t* usage, const QAdapter& ad) {
-  std::vector<float> gate(t_count * f), up(t_count * f), score(t_count * f);  // [T, F]
+  const int64_t r = all_units ? 0 : ad.rank;  // the dense pass is the base FFN: no adapter
+  // [T, F]: the base activation silu(g) u and its score; with an adapter also g and u themselves
+  std::vector<float> act(t_count * f), score(all_units ? 0 : t_count * f), gate(r ? t_count * f : 0),
+      up(r ? t_count * f : 0);
   auto keep = [&](int64_t i, const float* g, const float* u, int64_t stride) {
     for (int64_t t = 0; t < t_count; ++t) {
-      const float gt = g[t * stride], ut = u[t * stride];
-      gate[t * f + i] = gt;
-      up[t * f + i] = ut;
-      if (!all_units) score[t * f + i] = std::log(std::fabs(silu(gt) * ut) + 1e-20f) + unit_bias[i];
+      const float gt = g[t * stride], ut = u[t * stride], a = silu(gt) * ut;
+      act[t * f + i] = a;
+      if (!all_units) score[t * f + i] = std::log(std::fabs(a) + 1e-20f) + unit_bias[i];
+      if (r) gate[t * f + i] = gt, up[t * f + i] = ut;
     }
   };
   std::vector<float> xr;  // the activations the products saw (int16-rounded for g16): the adapter's input
@@ -538,7 +541,7 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       qdot_group_tokens(wu + g * sg, fm, qx, h, t_count, uv);
       for (int64_t r = 0; r < kLanes && g * kLanes + r < f; ++r) keep(g * kLanes + r, gv + r, uv + r, kLanes);
     }
-    if (ad.rank && !all_units) {
+    if (r) {
       xr.resize(t_count * h);
       for (int64_t t = 0; t < t_count; ++t)
         for (int64_t k = 0; k < h; ++k) xr[t * h + k] = qx.s[t * nb + k / kBlock] * qx.q[t * h + k];
@@ -560,29 +563,49 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
     add_usage(sel.data(), t_count, f, usage);
   }
-  const int64_t r = all_units ? 0 : ad.rank;  // the dense pass is the base FFN: no adapter
-  std::vector<float> z(t_count * 2 * r), zsum(t_count * r, 0.0f);  // [T, 2r] x A^T; [T, r] sum a_i A_d[i]
+  std::vector<float> z(t_count * 2 * r);  // [T, 2r]: x A^T (A_g then A_u)
   const float* xa = xr.empty() ? x : xr.data();
-  for (int64_t t = 0; t < t_count; ++t)
-    for (int64_t k = 0; k < 2 * r; ++k) z[t * 2 * r + k] = dot_r(ad.a_in + k * h, xa + t * h, h);
-  std::vector<float> act(t_count * f, 0.0f);
-  for (int64_t t = 0; t < t_count; ++t)
+  for (int64_t k = 0; k < 2 * r; ++k) {  // z[t, k] = a_in[k] . x[t]: rows of H, the vector dot product
+    float out[kMaxTokens];
+    dot_tokens(ad.a_in + k * h, xa, h, h, t_count, out, nullptr);
+    for (int64_t t = 0; t < t_count; ++t) z[t * 2 * r + k] = out[t];
+  }
+  // The selected units' adapted activations (the rest: 0) and the down adapter's input sum a_i A_d[i]
+  // per token, each thread over a fixed share of the units, its partial sums added in thread order.
+  std::vector<std::vector<float>> zparts(std::max(nthreads, 1));
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float>& zsum = zparts[omp_get_thread_num()];
+    zsum.assign(t_count * r, 0.0f);
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < f; ++i) {
-      if (!sel[t * f + i]) continue;
-      float g = gate[t * f + i], u = up[t * f + i];
-      if (r) {
+#ifdef __AVX512F__
+      if (r && i + 16 < f)  // the adapter rows of units a few places on: scattered reads the prefetcher misses
+        for (int64_t b = 0; b < 3 * r * 4; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(ad.a_units + (i + 16) * 3 * r) + b, _MM_HINT_T0);
+#endif
+      for (int64_t t = 0; t < t_count; ++t) {
+        float& a = act[t * f + i];
+        if (!sel[t * f + i]) {
+          a = 0.0f;
+          continue;
+        }
+        if (!r) continue;  // the base activation
         const float* au = ad.a_units + i * 3 * r;  // B_g row, B_u row, A_d column of unit i
-        g += dot_r(au, z.data() + t * 2 * r, r);
-        u += dot_r(au + r, z.data() + t * 2 * r + r, r);
+        const float* zt = z.data() + t * 2 * r;
+        a = silu(gate[t * f + i] + dot_r(au, zt, r)) * (up[t * f + i] + dot_r(au + r, zt + r, r));
+        for (int64_t k = 0; k < r; ++k) zsum[t * r + k] += a * au[2 * r + k];
       }
-      const float a = silu(g) * u;
-      act[t * f + i] = a;
-      for (int64_t k = 0; k < r; ++k) zsum[t * r + k] += a * ad.a_units[i * 3 * r + 2 * r + k];
     }
+  }
   gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
     for (int64_t t = 0; t < t_count; ++t) a[t] = act[t * f + i];
   });
-  for (int64_t t = 0; t < t_count && r; ++t)  // the down adapter's output projection: a_out . zsum[t]
+  if (!r) return;
+  std::vector<float> zsum(t_count * r, 0.0f);
+  for (const auto& part : zparts)
+    for (int64_t k = 0; k < static_cast<int64_t>(part.size()); ++k) zsum[k] += part[k];
+  for (int64_t t = 0; t < t_count; ++t)  // the down adapter's output projection: a_out . zsum[t]
     for (int64_t k = 0; k < h; ++k) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
 }
 
