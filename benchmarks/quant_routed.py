@@ -1,12 +1,13 @@
 """A routed model at each weight format: quality and decode speed, dense and routed, per density.
 
     python benchmarks/quant_routed.py DIR [--formats f32,q8_0,q4_1] [--densities 0.5,0.35]
-        [--ppl-tokens 4096] [--threads 1] [--repeats 3] [--new-tokens 64] [--json OUT]
+        [--routers exact] [--ppl-tokens 4096] [--threads 1] [--repeats 3] [--new-tokens 64] [--json OUT]
 
 DIR is a routed model directory (``adaroute convert``). Each format's weights come from the same
-float32 model through ``quant_weights.quantise`` (ggml's rounding; the router stays the int4
-shadow). Perplexity on ``builtin:heldout`` (512-token windows) is computed by the runtime itself:
-dense with every FFN unit, routed with every token of every window sparse (the routed model's
+float32 model through ``quant_weights.quantise`` (ggml's rounding; ``--routers exact,shadow`` runs
+quantised routed layers with each router side by side; float32 always uses the int4 shadow).
+Perplexity on ``builtin:heldout`` (512-token windows) is computed by the runtime itself: dense with
+every FFN unit, routed with every token of every window sparse (the routed model's
 semantics), so each ratio is to float32 dense on the same windows. Speed: ``run_engines``
 (interleaved rounds, batch 1).
 """
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--formats", default="f32,q8_0,q4_1")
     p.add_argument("--densities", default="0.5,0.35")
+    p.add_argument("--routers", default="exact", help="quantised routed layers: exact, shadow or both")
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -58,8 +60,9 @@ def main() -> None:
         if args.ppl_tokens else []
     rows, dense = [], {}
     for density in map(float, args.densities.split(",")):
-        apply_density(mods, density)  # before quantising: the router per format is chosen at this density
-        weights = {f: base if f == "f32" else quantise(base, f) for f in formats}
+        apply_density(mods, density)
+        weights = {f"{f} {r}" if f != "f32" else f: base if f == "f32" else quantise(base, f, router=r)
+                   for f in formats for r in args.routers.split(",")}
         if wins and not dense:
             dense = {f: ppl(w, ExecutionPolicy.always_dense(), wins) for f, w in weights.items()}
         engines = []
@@ -82,10 +85,10 @@ def main() -> None:
                              if "f32 dense" in records else None})
     print(f"threads {args.threads}, batch 1, {args.new_tokens} new tokens, {args.repeats} interleaved rounds, "
           f"load average {os.getloadavg()[0]:.1f}; perplexity: builtin:heldout, {args.ppl_tokens} tokens")
-    print(f"{'format':<7}{'engine':<17}{'density':>8}{'tok/s':>8}{'MB/token':>10}{'vs f32 dense':>14}{'ppl':>9}"
+    print(f"{'format':<12}{'engine':<17}{'density':>8}{'tok/s':>8}{'MB/token':>10}{'vs f32 dense':>14}{'ppl':>9}"
           f"{'ratio':>8}")
     for r in rows:
-        print(f"{r['format']:<7}{r['engine']:<17}{_fmt(r['realised_density'] or r['density'], '.2f'):>8}"
+        print(f"{r['format']:<12}{r['engine']:<17}{_fmt(r['realised_density'] or r['density'], '.2f'):>8}"
               f"{r['tokens_per_s']:>8.1f}{_fmt(r['mb_per_token'], '.0f'):>10}{_fmt(r['vs_f32_dense'], '.2f', 'x'):>14}"
               f"{_fmt(r['perplexity'], '.3f'):>9}{_fmt(r['ppl_ratio'], '.3f'):>8}")
     if args.json:
