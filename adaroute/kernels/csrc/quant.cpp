@@ -440,7 +440,8 @@ inline void qaxpy(const uint8_t* row, int64_t fmt, const float* a, int64_t t_cou
 }
 
 // The selection policy of reference.select_units for one token (threshold, then the min / max
-// guards); marks sel[i] = 1 for the chosen units, returns their number. (routed_ffn.cpp has the same
+// guards) over scores, or over any increasing function of them with the threshold mapped alike (the
+// exact router passes exp(score)); marks sel[i] = 1 for the chosen units, returns their number. (routed_ffn.cpp has the same
 // policy for float units inside its pipelined pass, which this kernel does not share.)
 int64_t select_units(const float* score, int64_t f, float threshold, int64_t min_units, int64_t max_units,
                      uint8_t* sel) {
@@ -518,14 +519,17 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
                    int64_t min_units, int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate,
                    int nthreads, int64_t* usage, const QAdapter& ad) {
   const int64_t r = all_units ? 0 : ad.rank;  // the dense pass is the base FFN: no adapter
-  // [T, F]: the base activation silu(g) u and its score; with an adapter also g and u themselves
-  std::vector<float> act(t_count * f), score(all_units ? 0 : t_count * f), gate(r ? t_count * f : 0),
+  // [T, F]: the base activation silu(g) u and its selection key; with an adapter also g and u.
+  // The key is exp(score) = (|a| + 1e-20) * exp(bias), compared with exp(threshold): the same order
+  // and the same threshold test as the score log(|a| + 1e-20) + bias, without a logarithm per unit.
+  std::vector<float> act(t_count * f), key(all_units ? 0 : t_count * f), gate(r ? t_count * f : 0),
       up(r ? t_count * f : 0);
   auto keep = [&](int64_t i, const float* g, const float* u, int64_t stride) {
+    const float eb = all_units ? 0.0f : std::exp(unit_bias[i]);
     for (int64_t t = 0; t < t_count; ++t) {
       const float gt = g[t * stride], ut = u[t * stride], a = silu(gt) * ut;
       act[t * f + i] = a;
-      if (!all_units) score[t * f + i] = std::log(std::fabs(a) + 1e-20f) + unit_bias[i];
+      if (!all_units) key[t * f + i] = (std::fabs(a) + 1e-20f) * eb;
       if (r) gate[t * f + i] = gt, up[t * f + i] = ut;
     }
   };
@@ -539,7 +543,22 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       alignas(64) float gv[kMaxTokens * kLanes], uv[kMaxTokens * kLanes];
       qdot_group_tokens(wg + g * sg, fm, qx, h, t_count, gv);
       qdot_group_tokens(wu + g * sg, fm, qx, h, t_count, uv);
-      for (int64_t r = 0; r < kLanes && g * kLanes + r < f; ++r) keep(g * kLanes + r, gv + r, uv + r, kLanes);
+      const int64_t i0 = g * kLanes;
+#ifdef __AVX512F__
+      if (i0 + kLanes <= f) {  // 16 units at once (silu and exp on vectors)
+        const __m512 one = _mm512_set1_ps(1.0f), tiny = _mm512_set1_ps(1e-20f);
+        const __m512 eb = all_units ? _mm512_setzero_ps() : vexp(_mm512_loadu_ps(unit_bias + i0));
+        for (int64_t t = 0; t < t_count; ++t) {
+          const __m512 gt = _mm512_load_ps(gv + t * kLanes), ut = _mm512_load_ps(uv + t * kLanes);
+          const __m512 a = _mm512_mul_ps(_mm512_div_ps(gt, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), gt)))), ut);
+          _mm512_storeu_ps(act.data() + t * f + i0, a);
+          if (!all_units) _mm512_storeu_ps(key.data() + t * f + i0, _mm512_mul_ps(_mm512_add_ps(_mm512_abs_ps(a), tiny), eb));
+          if (r) _mm512_storeu_ps(gate.data() + t * f + i0, gt), _mm512_storeu_ps(up.data() + t * f + i0, ut);
+        }
+        continue;
+      }
+#endif
+      for (int64_t lane = 0; lane < kLanes && i0 + lane < f; ++lane) keep(i0 + lane, gv + lane, uv + lane, kLanes);
     }
     if (r) {
       xr.resize(t_count * h);
@@ -559,8 +578,9 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   if (all_units) {
     for (int64_t t = 0; t < t_count; ++t) counts[t] = f;
   } else {
+    const float key_threshold = std::exp(threshold);  // -inf: 0, every key passes; +inf: none does
     for (int64_t t = 0; t < t_count; ++t)
-      counts[t] = select_units(score.data() + t * f, f, threshold, min_units, max_units, sel.data() + t * f);
+      counts[t] = select_units(key.data() + t * f, f, key_threshold, min_units, max_units, sel.data() + t * f);
     add_usage(sel.data(), t_count, f, usage);
   }
   std::vector<float> z(t_count * 2 * r);  // [T, 2r]: x A^T (A_g then A_u)
