@@ -2,7 +2,7 @@
 alternating whole greedy generations through the runtime's generate loop (as `adaroute bench` times them).
 
     python benchmarks/engine_ab.py --routed DIR --feature adapters|failsafe|usage [--rounds 5]
-        [--new-tokens 128] [--json out/engine_ab-FEATURE.json]
+        [--new-tokens 128] [--weights f32|q8|q4] [--json out/engine_ab-FEATURE.json]
 
 Features: ``adapters`` the routing adapters a routed directory stores (off: the same weights and
 routers without them; the selection does not depend on them, so both read the same units);
@@ -26,7 +26,8 @@ from adaroute import load_model
 from adaroute.cli.common import thread_count
 from adaroute.eval.bench import bench_prompts
 from adaroute.runtime import Engine, ModelWeights, generate
-from adaroute.runtime.weights import RoutedFFN, from_model
+from adaroute.runtime.formats import runtime_weights
+from adaroute.runtime.weights import RoutedFFN
 
 
 def without_adapters(w: ModelWeights) -> ModelWeights:
@@ -55,11 +56,12 @@ def main() -> None:
     ap.add_argument("--feature", required=True, choices=["adapters", "failsafe", "usage"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--weights", default="f32", help="weight format the engines run at (f32, q8, q4)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(thread_count())
     model, tokenizer = load_model(args.routed)
-    pair = engines(args.feature, from_model(model))
+    pair = engines(args.feature, runtime_weights(model, args.weights))
     prompt = bench_prompts(tokenizer, 1, 64)[0]
     rates: dict[str, list[float]] = {"on": [], "off": []}
     for _ in range(args.rounds):
