@@ -4,7 +4,7 @@ dense ones in ``cpu`` for ``QuantWeight`` arguments; ``quant_reference`` defines
 Shape letters:
     T  tokens in flight     K  input length     M  output rows     F  FFN units
 
-Every token count runs here (prefill too): the int8 dot products are cheap enough that reusing each
+Every token count runs here (prefill too): the integer dot products are cheap enough that reusing each
 row of blocks for up to 64 tokens beats unpacking the weights for a float GEMM; longer inputs go
 through in slices of 64. Without the compiled library, the reference runs.
 """
@@ -20,11 +20,6 @@ from adaroute.kernels.quant_reference import BLOCK, QuantWeight
 
 FMT_CODES = {"f32": 0, "q8_0": 1, "q4_0": 2, "q4_1": 3}  # csrc/quant.cpp's Fmt
 G16 = 16  # csrc/quant.cpp's kG16: added to a format code for a weight in the g16 layout
-
-
-def fmt_code(w: QuantWeight) -> int:
-    """The kernels' code for a weight's format and layout."""
-    return FMT_CODES[w.fmt] + (G16 if w.layout == "g16" else 0)
 SLICE = 64  # tokens per call: kMaxTokens on the C side
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -34,6 +29,11 @@ _SIGNATURES = {
     "ar_qrouted_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64, _P, ctypes.c_float, _I64, _I64,
                        _I32, _P, _P, _I32, _I32, _P, _I64, _P, _P, _P],
 }
+
+
+def fmt_code(w: QuantWeight) -> int:
+    """The kernels' code for a weight's format and layout."""
+    return FMT_CODES[w.fmt] + (G16 if w.layout == "g16" else 0)
 
 
 def _lib():
@@ -99,7 +99,7 @@ def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | N
     return y
 
 
-def _unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -> int | None:
+def unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -> int | None:
     """Bytes from one unit's rows to the next when all three share one row stride (unit-packed or
     three contiguous tensors of one format), else None. Gate and up share a format; the down rows
     may have their own (q8_0 under 4-bit gate/up). With gate and up in the g16 layout (the exact
@@ -138,7 +138,7 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     from adaroute.kernels import reference  # noqa: PLC0415
     from adaroute.kernels.cpu import usage_ptr  # noqa: PLC0415 (cpu imports this module)
 
-    ldw = _unit_stride(w_gate, w_up, w_down_t)
+    ldw = unit_stride(w_gate, w_up, w_down_t)
     exact = not all_units and shadow_q.numel() == 0
     if w_gate.layout == "g16" and not (exact or all_units):
         raise ValueError("gate/up in the g16 layout run with the exact router only (empty shadow_q)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 
 from adaroute.kernels import cpu
-from adaroute.kernels.quant_cpu import _unit_stride, fmt_code
+from adaroute.kernels.quant_cpu import fmt_code, unit_stride
 from adaroute.kernels.quant_reference import BLOCK, is_quant
 from adaroute.runtime.fused_cpu import ArStep, FusedDecoder, _plain
 from adaroute.runtime.weights import DenseFFN, ModelWeights, RoutedFFN
@@ -63,7 +63,7 @@ class QuantDecoder(FusedDecoder):
             c.q_rows, c.kv_rows, c.units = ly.wq.shape[0], ly.wk.shape[0], ly.ffn.w_gate.shape[0]
             f = ly.ffn
             if isinstance(f, RoutedFFN):
-                c.kind, c.ldw = 1, _unit_stride(f.w_gate, f.w_up, f.w_down_t)
+                c.kind, c.ldw = 1, unit_stride(f.w_gate, f.w_up, f.w_down_t)
                 c.shadow_q = f.shadow_q.data_ptr() if f.shadow_q.numel() else None
                 c.shadow_scale = f.shadow_scale.data_ptr() if f.shadow_scale.numel() else None
                 c.unit_bias = f.unit_bias.data_ptr()
@@ -84,7 +84,7 @@ class QuantDecoder(FusedDecoder):
                 return None  # mixed layers: the engine's Python path
             f = ly.ffn
             if isinstance(f, RoutedFFN) and (f.adapter is not None and (f.shadow_q.numel() or not _plain(*f.adapter))
-                                             or _unit_stride(f.w_gate, f.w_up, f.w_down_t) is None
+                                             or unit_stride(f.w_gate, f.w_up, f.w_down_t) is None
                                              or not _plain(f.unit_bias, f.shadow_scale) or
                                              not f.shadow_q.is_contiguous()):
                 return None
