@@ -78,11 +78,12 @@ _TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(calib_tokens=4096, window=512, sensitivity_tokens=1024, ranking_steps=0, distill_steps=0),
     # Default preset: the quick stages on 4x the tokens, then 150 distillation steps of 256 tokens that
     # train rank-16 routing adapters with the routers (about 2 % of the dense FFN's bytes per token), at
-    # 0.7x the target density: adapters trained where more units are missing serve better at the target
-    # (0.35 on three unseen domains: 1.036 / 1.036 / 1.191 distilled at the target, 1.023 / 1.011 / 1.109
-    # at 0.7x; docs/routing.md).
+    # density 0.25 (at most the target, at least half of it): adapters trained where more units are
+    # missing serve better at the target (three unseen domains, docs/routing.md: at 0.35, 1.036 / 1.036 /
+    # 1.191 distilled at the target, 1.023 / 1.011 / 1.109 at 0.245; at 0.5, 1.018 / 1.009 / 1.052 at the
+    # target, 0.999 / 0.990 / 1.029 at 0.35, 0.996 / 0.976 / 0.991 at 0.25).
     "default": dict(calib_tokens=16384, window=512, sensitivity_tokens=2048, ranking_steps=0, distill_steps=150,
-                    distill_window=256, adapt_rank=16, distill_density=0.7),
+                    distill_window=256, adapt_rank=16, distill_density=0.5, distill_floor=0.25),
 }
 # Wall-clock budget of each preset on 2 idle CPU cores for the embedded model, printed before converting.
 PRESET_BUDGET_MINUTES = {"quick": 10, "default": 30}
@@ -111,6 +112,7 @@ class TrainConfig:
     distill_density:    routers and adapters are distilled at this share of the target density (1 = at the
                         target); thresholds are calibrated at the target afterwards. Below 1 the adapters learn
                         to make up for more missing units than serving leaves out (docs/routing.md).
+    distill_floor:      ... but at no lower density than this one (nor above the target): ``distill_at``.
     adapt_rank:         rank of the routing adapters trained with the routers in distillation (0 = none).
     adapt_lr:           learning rate of the adapters.
     checkpoint_every:   distillation steps between checkpoints (an interrupted conversion resumes there).
@@ -134,6 +136,7 @@ class TrainConfig:
     distill_tokens: int = 65536
     distill_generated: int = 0
     distill_density: float = 1.0
+    distill_floor: float = 0.0
     adapt_rank: int = 0
     adapt_lr: float = 1e-3
     checkpoint_every: int = 25
@@ -153,9 +156,14 @@ class TrainConfig:
         for f in ("lr", "distill_lr", "adapt_lr", "tau"):
             _check(getattr(self, f) > 0, f, f"must be > 0, got {getattr(self, f)}")
         _check(0.0 < self.distill_density <= 1.0, "distill_density", f"must be in (0, 1], got {self.distill_density}")
+        _check(0.0 <= self.distill_floor <= 1.0, "distill_floor", f"must be in [0, 1], got {self.distill_floor}")
         _check(self.shadow_fit in ("gptq", "rtn"), "shadow_fit", f"must be 'gptq' or 'rtn', got {self.shadow_fit!r}")
         for f in ("z_loss", "usage_loss"):
             _check(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
+
+    def distill_at(self, target: float) -> float:
+        """The mean density routers and adapters are distilled at for a ``target`` density."""
+        return max(target * self.distill_density, min(target, self.distill_floor))
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TrainConfig:

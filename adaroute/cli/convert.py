@@ -64,7 +64,7 @@ def run(args) -> int:
     if inspect_model(args.model).routed:
         raise AdarouteError(f"{args.model} is already a routed model: convert its dense base model instead")
     setup_threads()
-    print(_budget_line(train) + f"; weights {_format_line(weights)}", flush=True)
+    print(_budget_line(train, args.density) + f"; weights {_format_line(weights)}", flush=True)
     result = convert(args.model, args.calib, output=output, routing=routing, train=train, force=args.force,
                      weights=weights)
     stats = result.report.calib_stats
@@ -100,7 +100,7 @@ def _format_line(fmt: str) -> str:
     return f"{fmt} (recorded in config.json; stored as float32, quantised when the model is loaded to run)"
 
 
-def _budget_line(train) -> str:
+def _budget_line(train, density: float) -> str:
     from adaroute.config import PRESET_BUDGET_MINUTES
 
     stages = f"{train.calib_tokens} calibration tokens"
@@ -108,7 +108,7 @@ def _budget_line(train) -> str:
         adapters = f", rank-{train.adapt_rank} adapters" if train.adapt_rank else ""
         stages += f", {train.distill_steps} distillation steps of {train.distill_batch} x {train.distill_window} tokens"
         stages += adapters
-        if train.distill_density < 1.0:
-            stages += f" (distilled at {train.distill_density:g}x the density)"
+        if train.distill_at(density) < density:
+            stages += f" (distilled at density {train.distill_at(density):.3g})"
     return (f"preset {train.name}: {stages}; budget {PRESET_BUDGET_MINUTES[train.name]} min on 2 idle CPU cores "
             "(longer on a busy machine)")

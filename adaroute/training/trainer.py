@@ -178,8 +178,8 @@ def _allocate(costs: torch.Tensor, routing: RoutingConfig, layers: int) -> list[
 
 
 def _distill_densities(costs: torch.Tensor, routing: RoutingConfig, train: TrainConfig, layers: int) -> list[float]:
-    """Per-layer densities distillation runs at: the allocation for ``distill_density`` x the target."""
-    target = routing.density * train.distill_density
+    """Per-layer densities distillation runs at: the allocation for ``train.distill_at`` the target."""
+    target = train.distill_at(routing.density)
     harder = dataclasses.replace(routing, density=target, layer_min_density=min(routing.layer_min_density, target))
     return _allocate(costs, harder, layers)
 

@@ -36,7 +36,7 @@ def test_default_preset_prints_its_budget_and_writes_adapters(tiny_dir, tmp_path
                  "--adapt-rank", "3"]) == 0
     printed = capsys.readouterr().out
     assert "preset default:" in printed and "budget 30 min" in printed and "rank-3 adapters" in printed
-    assert "(distilled at 0.7x the density)" in printed
+    assert "(distilled at density 0.25)" in printed  # the default preset at the 0.5 target
     meta = json.loads((out / "config.json").read_text())["adaroute"]
     assert {e["adapter_rank"] for e in meta["layers"]} <= {0, 3} and any(e["adapter_rank"] for e in meta["layers"])
     assert not (tmp_path / "routed.distill-checkpoint.pt").exists()  # removed once the directory is written

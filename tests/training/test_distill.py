@@ -101,3 +101,12 @@ def test_distillation_at_a_share_of_the_target_density_ends_calibrated_at_the_ta
     assert harder.layer_density == at_target.layer_density  # and then serves the target's
     assert abs(harder.calib_stats["mean_density"] - 0.5) < 0.01
     assert all(m.adapter is not None for m in mods if not m.is_dense)
+
+
+def test_distillation_density_per_target():
+    """The default preset distils at density 0.25, never above the target nor below half of it."""
+    cfg = TrainConfig.from_name("default")
+    assert [cfg.distill_at(t) for t in (0.7, 0.5, 0.35, 0.25, 0.2)] == [0.35, 0.25, 0.25, 0.25, 0.2]
+    assert TrainConfig(distill_density=0.7).distill_at(0.5) == 0.35  # without a floor: the share alone
+    with pytest.raises(ValueError, match="distill_floor"):
+        TrainConfig(distill_floor=1.5)
