@@ -318,6 +318,24 @@ inline void qdot_group_tokens(const uint8_t* grp, int64_t fmt, const QX& qx, int
   }
 }
 
+// Gate and up of f units in the g16 layout (formats without the kG16 flag), a group of 16 units at a
+// time in equal static shares per thread: fn(g, gv, uv) gets group g's products, [T, 16] each. qx is
+// left holding the rounded activations.
+template <class Fn>
+void gate_up_groups(const float* x, int64_t t_count, int64_t k, const uint8_t* wg, const uint8_t* wu, int64_t fmt_g,
+                    int64_t fmt_u, int64_t f, int nthreads, QX& qx, Fn fn) {
+  const int64_t nb = k / kBlock, groups = (f + kLanes - 1) / kLanes;
+  const int64_t sg = kLanes * nb * block_bytes(fmt_g), su = kLanes * nb * block_bytes(fmt_u);
+  quantize_x(x, t_count, k, qx);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t g = 0; g < groups; ++g) {
+    alignas(64) float gv[kMaxTokens * kLanes], uv[kMaxTokens * kLanes];
+    qdot_group_tokens(wg + g * sg, fmt_g, qx, k, t_count, gv);
+    qdot_group_tokens(wu + g * su, fmt_u, qx, k, t_count, uv);
+    fn(g, gv, uv);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -369,21 +387,14 @@ void ar_qlinear(const float* x, int64_t t_count, int64_t k, int nseg, const uint
 void ar_qgate_up_silu(const float* x, int64_t t_count, int64_t k, const uint8_t* wg, const uint8_t* wu, int64_t fmt_g,
                       int64_t fmt_u, int64_t f, float* h, int nthreads) {
   if (fmt_g & fmt_u & kG16) {
-    const int64_t nb = k / kBlock, groups = (f + kLanes - 1) / kLanes;
-    fmt_g &= ~kG16;
-    fmt_u &= ~kG16;
-    const int64_t sg = kLanes * nb * block_bytes(fmt_g), su = kLanes * nb * block_bytes(fmt_u);
     QX qx;
-    quantize_x(x, t_count, k, qx);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t g = 0; g < groups; ++g) {
-      alignas(64) float gv[kMaxTokens * kLanes], uv[kMaxTokens * kLanes];
-      qdot_group_tokens(wg + g * sg, fmt_g, qx, k, t_count, gv);
-      qdot_group_tokens(wu + g * su, fmt_u, qx, k, t_count, uv);
-      const int64_t r0 = g * kLanes, n = std::min<int64_t>(kLanes, f - r0);
-      for (int64_t t = 0; t < t_count; ++t)
-        for (int64_t r = 0; r < n; ++r) h[t * f + r0 + r] = silu(gv[t * kLanes + r]) * uv[t * kLanes + r];
-    }
+    gate_up_groups(x, t_count, k, wg, wu, fmt_g & ~kG16, fmt_u & ~kG16, f, nthreads, qx,
+                   [&](int64_t g, const float* gv, const float* uv) {
+                     const int64_t r0 = g * kLanes, n = std::min<int64_t>(kLanes, f - r0);
+                     for (int64_t t = 0; t < t_count; ++t)
+                       for (int64_t r = 0; r < n; ++r)
+                         h[t * f + r0 + r] = silu(gv[t * kLanes + r]) * uv[t * kLanes + r];
+                   });
     return;
   }
   const int64_t nb = k / kBlock, sg = nb * block_bytes(fmt_g), su = nb * block_bytes(fmt_u);
@@ -535,14 +546,9 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   };
   std::vector<float> xr;  // the activations the products saw (int16-rounded for g16): the adapter's input
   if (fmt & kG16) {  // gate and up in the g16 layout: 16 units per group, as ar_qgate_up_silu
-    const int64_t nb = h / kBlock, fm = fmt & ~kG16, sg = kLanes * nb * block_bytes(fm), groups = (f + kLanes - 1) / kLanes;
+    const int64_t fm = fmt & ~kG16, nb = h / kBlock;
     QX qx;
-    quantize_x(x, t_count, h, qx);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t g = 0; g < groups; ++g) {
-      alignas(64) float gv[kMaxTokens * kLanes], uv[kMaxTokens * kLanes];
-      qdot_group_tokens(wg + g * sg, fm, qx, h, t_count, gv);
-      qdot_group_tokens(wu + g * sg, fm, qx, h, t_count, uv);
+    gate_up_groups(x, t_count, h, wg, wu, fm, fm, f, nthreads, qx, [&](int64_t g, const float* gv, const float* uv) {
       const int64_t i0 = g * kLanes;
 #ifdef __AVX512F__
       if (i0 + kLanes <= f) {  // 16 units at once (silu and exp on vectors)
@@ -555,11 +561,11 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
           if (!all_units) _mm512_storeu_ps(key.data() + t * f + i0, _mm512_mul_ps(_mm512_add_ps(_mm512_abs_ps(a), tiny), eb));
           if (r) _mm512_storeu_ps(gate.data() + t * f + i0, gt), _mm512_storeu_ps(up.data() + t * f + i0, ut);
         }
-        continue;
+        return;
       }
 #endif
       for (int64_t lane = 0; lane < kLanes && i0 + lane < f; ++lane) keep(i0 + lane, gv + lane, uv + lane, kLanes);
-    }
+    });
     if (r) {
       xr.resize(t_count * h);
       for (int64_t t = 0; t < t_count; ++t)
