@@ -123,7 +123,7 @@ def _eval_runtime(model, tokenizer, texts, args, fmt: str, routed: bool) -> list
     mods = routed_modules(model)
     saved = [m.policy for m in mods]
     try:
-        if args.density is not None:  # before building: quantise picks each layer's router at its density
+        if args.density is not None:  # before the runtime weights are built from the modules
             apply_density(mods, args.density)
         weights = runtime_weights(model, fmt, args.window)
         records = []
