@@ -475,6 +475,24 @@ int64_t select_units(const float* score, int64_t f, float threshold, int64_t min
   return static_cast<int64_t>(idx.size());
 }
 
+// Per-thread partial sums made deterministic: every thread runs body(part) on its own zeroed vector
+// of `size` floats (the body takes its share with an `omp for schedule(static)`), and the parts are
+// added in thread order, so the result does not depend on timing.
+template <class Body>
+std::vector<float> ordered_sum(int nthreads, int64_t size, Body body) {
+  std::vector<std::vector<float>> parts(std::max(nthreads, 1));
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float>& part = parts[omp_get_thread_num()];
+    part.assign(size, 0.0f);
+    body(part.data());
+  }
+  std::vector<float> sum(size, 0.0f);
+  for (const auto& part : parts)
+    for (int64_t k = 0; k < static_cast<int64_t>(part.size()); ++k) sum[k] += part[k];
+  return sum;
+}
+
 // y (+)= sum over the units any token selected (sel [T, F]) of a[t] * their down row, with
 // act(i, a) giving unit i's coefficients a[T] (0 where a token did not select it). Units are taken
 // in ascending order (memory walked forwards); each thread adds into a private [T, H] sum.
@@ -490,22 +508,15 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
       }
   if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
   const int64_t n = static_cast<int64_t>(units.size());
-  // Each thread sums a fixed share of the units (static schedule) into its own [T, H] part; the parts
-  // are added in thread order, so the result does not depend on timing (deterministic run to run).
-  std::vector<std::vector<float>> parts(std::max(nthreads, 1));
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<float>& part = parts[omp_get_thread_num()];
-    part.assign(t_count * h, 0.0f);
+  const std::vector<float> sum = ordered_sum(nthreads, t_count * h, [&](float* part) {
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n; ++j) {
       float a[kMaxTokens];
       act(units[j], a);
-      qaxpy(wd_t + units[j] * ldw, fmt_d, a, t_count, part.data(), h);
+      qaxpy(wd_t + units[j] * ldw, fmt_d, a, t_count, part, h);
     }
-  }
-  for (const auto& part : parts)
-    for (int64_t k = 0; k < static_cast<int64_t>(part.size()); ++k) y[k] += part[k];
+  });
+  for (int64_t k = 0; k < t_count * h; ++k) y[k] += sum[k];
 }
 
 // The router for formats where an int4 shadow of gate/up costs about as much as gate/up themselves
@@ -597,12 +608,8 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
     for (int64_t t = 0; t < t_count; ++t) z[t * 2 * r + k] = out[t];
   }
   // The selected units' adapted activations (the rest: 0) and the down adapter's input sum a_i A_d[i]
-  // per token, each thread over a fixed share of the units, its partial sums added in thread order.
-  std::vector<std::vector<float>> zparts(std::max(nthreads, 1));
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<float>& zsum = zparts[omp_get_thread_num()];
-    zsum.assign(t_count * r, 0.0f);
+  // per token [T, r], each thread over a fixed share of the units (ordered_sum).
+  const std::vector<float> zsum = ordered_sum(nthreads, t_count * r, [&](float* zpart) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < f; ++i) {
 #ifdef __AVX512F__
@@ -620,17 +627,14 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
         const float* au = ad.a_units + i * 3 * r;  // B_g row, B_u row, A_d column of unit i
         const float* zt = z.data() + t * 2 * r;
         a = silu(gate[t * f + i] + dot_r(au, zt, r)) * (up[t * f + i] + dot_r(au + r, zt + r, r));
-        for (int64_t k = 0; k < r; ++k) zsum[t * r + k] += a * au[2 * r + k];
+        for (int64_t k = 0; k < r; ++k) zpart[t * r + k] += a * au[2 * r + k];
       }
     }
-  }
+  });
   gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
     for (int64_t t = 0; t < t_count; ++t) a[t] = act[t * f + i];
   });
   if (!r) return;
-  std::vector<float> zsum(t_count * r, 0.0f);
-  for (const auto& part : zparts)
-    for (int64_t k = 0; k < static_cast<int64_t>(part.size()); ++k) zsum[k] += part[k];
   for (int64_t t = 0; t < t_count; ++t)  // the down adapter's output projection: a_out . zsum[t]
     for (int64_t k = 0; k < h; ++k) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
 }
