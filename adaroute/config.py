@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: routing adapters (adaroute.routing.storage reads 1 and 2)
+FORMAT_VERSION = 3  # 2: routing adapters; 3: q8/q4 models stored as blocks (adaroute.routing.storage reads 1-3)
 
 
 def _check(cond: bool, name: str, msg: str) -> None:

@@ -166,10 +166,10 @@ def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = N
                    weights=None) -> BenchEngine:
     """The runtime on ``model``'s weights, or on ``weights`` (a ``ModelWeights``, e.g. a GGUF's blocks)."""
     from adaroute.runtime import Engine, ExecutionPolicy, UnitCounter, generate
-    from adaroute.runtime.weights import from_model
+    from adaroute.runtime.formats import runtime_weights
 
     policy = ExecutionPolicy() if routed else ExecutionPolicy.always_dense()
-    engine = Engine(weights or from_model(model), kernel=kernel, policy=policy)
+    engine = Engine(weights or runtime_weights(model, None), kernel=kernel, policy=policy)
     counter = UnitCounter()
     if routed:
         engine.counter = counter
@@ -358,9 +358,11 @@ def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int |
     dense = runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute-dense{suffix}", weights=held)
     if fmt == F32:
         eager_bytes = dense.bytes_per_step
-    else:  # transformers reads the float32 weights
+    elif getattr(model, "adaroute_blocks", None) is None:  # transformers reads the float32 weights
         float_bytes = sum(runtime_weights(model, F32, 1).weight_bytes().values())
         eager_bytes = lambda: float_bytes  # noqa: E731
+    else:  # a directory of blocks, loaded dequantised: transformers reads its float32 parameters
+        eager_bytes = None
     engines = [hf_eager_engine(model, eager_bytes), dense]
     if any(is_routed_mlp(m) for m in model.modules()):
         engines.append(runtime_engine(None, routed=True, kernel=kernel, name=f"adaroute-routed{suffix}",

@@ -106,9 +106,9 @@ def speed(model: nn.Module, tokenizer, budget: Budget) -> list[dict]:
 def capacity(model: nn.Module) -> dict[str, object]:
     """Weight bytes per decoded token as the runtime reads them: the fixed part (attention, head,
     router), the dense total, and each routed layer's bytes per selected unit."""
-    from adaroute.runtime import from_model
+    from adaroute.runtime.formats import runtime_weights
 
-    w = from_model(model, max_positions=1)
+    w = runtime_weights(model, None, max_positions=1)
     fixed = w.weight_bytes(0.0)  # routed FFNs at density 0: everything but the selected rows
     mods = routed_modules(model)
     return {"fixed": fixed["attention"] + fixed["head"] + fixed["router"],

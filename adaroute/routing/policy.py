@@ -36,6 +36,25 @@ class LayerPolicy:
         return cls(math.inf, k, k)
 
 
+class UnitPolicy:
+    """A routed layer's selection state without its weights: policy, calibration profile, size.
+
+    What the runtime reads of a ``RoutedMLP`` (``threshold``, ``min_units``, ``max_units``,
+    ``profile``, ``set_policy``), for engines built straight from a checkpoint
+    (``adaroute.runtime.checkpoint``) with no module to hold it."""
+
+    def __init__(self, layer_idx: int, units: int, policy: LayerPolicy, profile=None):
+        self.layer_idx, self.units, self.profile = layer_idx, units, profile
+        self.set_policy(policy)
+
+    @property
+    def policy(self) -> LayerPolicy:
+        return LayerPolicy(self.threshold, self.min_units, self.max_units)
+
+    def set_policy(self, policy: LayerPolicy) -> None:
+        self.threshold, self.min_units, self.max_units = float(policy.threshold), policy.min_units, policy.max_units
+
+
 def guard_units(units: int, min_density: float, max_density: float) -> tuple[int, int]:
     """Per-token guards in units for a layer of ``units`` FFN units."""
     lo = min(units, max(1, math.ceil(min_density * units))) if min_density > 0 else 0

@@ -96,6 +96,46 @@ class ShadowRouter(nn.Module):
         return f"hidden={self.hidden}, units={self.units}, group_size={self.group_size}, bits=4"
 
 
+class ExactRouter(nn.Module):
+    """The router of block-quantised routed models: the shadow's formula on the FFN's own gate and up.
+
+        score[t, i] = log(|silu(gate_i(x_t)) * up_i(x_t)| + 1e-20) + unit_bias[i]
+
+    At 4 bits an int4 shadow is as large as gate and up themselves, so the quantised runtime computes
+    gate and up of every unit exactly and reads only the selected units' down rows
+    (``quant_reference.exact_scores`` is the definition; the kernels round activations as the g16
+    layout does). A routed directory stored as blocks keeps only ``unit_bias`` (trained with the
+    shadow it replaces); this module scores the loaded model's float32 gate and up the same way.
+
+    Parameter (name as in the checkpoint): unit_bias  float32 [F].
+    """
+
+    def __init__(self, owner: nn.Module, unit_bias: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the FFN that holds gate and up
+        self.units = unit_bias.shape[0]
+        self.unit_bias = nn.Parameter(unit_bias.detach().clone())
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> scores [T, F]."""
+        from adaroute.kernels.quant_reference import exact_scores
+
+        return exact_scores(x, self._owner.w_gate, self._owner.w_up, self.unit_bias)
+
+    training_score = score
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)
+
+    def weight_bytes(self) -> int:
+        """It reads all of gate and up (and the biases) to score."""
+        w = self._owner.w_gate
+        return 2 * w.numel() * w.element_size() + self.unit_bias.numel() * self.unit_bias.element_size()
+
+    def extra_repr(self) -> str:
+        return f"units={self.units}, exact gate/up"
+
+
 class OracleRouter(nn.Module):
     """Hindsight oracle with the router interface: scores with the exact contribution.
 

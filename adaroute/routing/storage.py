@@ -5,7 +5,9 @@ Layout:
                        (weights: the format it runs at, adaroute.runtime.formats; absent in older
                        directories, which run at f32)
     model.safetensors  every weight of the model as the routed runtime holds it: base weights with each
-                       FFN unit-packed (w_units [F, 3, H]: gate row, up row, down column) plus router weights
+                       FFN unit-packed (w_units [F, 3, H]: gate row, up row, down column) plus router weights;
+                       at q8/q4 (version 3) every matrix the runtime quantises is stored as GGUF blocks
+                       and the router is the exact one (adaroute.runtime.checkpoint: layout and index)
     tokenizer files    whatever the tokenizer's save_pretrained writes
     calibration.json   what calibrated it (data, seed, per-layer density, usage statistics)
 """
@@ -25,8 +27,9 @@ from torch import nn
 from adaroute.config import FORMAT_VERSION, RoutingConfig
 from adaroute.fsio import atomic_dir
 from adaroute.routing.adapter import RoutingAdapter
-from adaroute.routing.policy import LayerPolicy
+from adaroute.routing.policy import LayerPolicy, UnitPolicy
 from adaroute.routing.profile import LayerProfile
+from adaroute.routing.router import ExactRouter
 from adaroute.routing.surgery import route_model, routed_modules
 from adaroute.routing.validation import (
     CALIBRATION,
@@ -39,13 +42,14 @@ from adaroute.routing.validation import (
     fail,
     read_json_object,
 )
+from adaroute.runtime.formats import F32, parse_format, recorded_format
 
 # Version 2 added routing adapters (``adapter_rank`` per layer, adapter tensors in the weights); a
 # version-1 directory is the same without them and loads as a model without adapters.
-# The ``weights`` key (the format the model runs at) needs no new version: model.safetensors holds
-# float32 weights at every format (the blocks are made when the model is loaded to run), so an adaroute
-# that ignores the key still loads the directory correctly, at f32; a directory without it runs at f32.
-READABLE_VERSIONS = (1, FORMAT_VERSION)
+# Version 3 stores q8/q4 models as blocks (the ``weights`` key names the format; float32 directories
+# are unchanged from version 2, whose directories with "weights": "q8_0"/"q4_1" hold float32 weights
+# and are quantised when loaded to run); a directory without the key runs at f32.
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
 
 
 def save_routed(
@@ -63,23 +67,35 @@ def save_routed(
     The directory is written beside its final path and renamed into place when complete, so an
     interrupted save never leaves a half-written model; ``replace`` swaps out an existing one whole.
     ``weights``: the format the model runs at (``adaroute.runtime.formats``), recorded in config.json;
-    the weights themselves are written in float32 whatever the format.
+    at q8/q4 the matrices are written as that format's blocks and the routers become exact ones
+    (``adaroute.runtime.checkpoint``); ``model`` itself is left as it is.
     """
-    from adaroute.runtime.formats import parse_format
-
     weights = parse_format(weights)
     mods = routed_modules(model)
+    if any(isinstance(m.router, ExactRouter) for m in mods):
+        raise ValueError("model: it was loaded from a directory stored as blocks; copy that directory instead "
+                         "of saving it again (its blocks would be rounded twice)")
+    header = {"format_version": str(FORMAT_VERSION)}
+    if weights == F32:
+        tensors = unique_state(model)
+        router = {"kind": "int4_shadow", "bits": 4, "group_size": mods[0].router.group_size}
+    else:
+        from adaroute.runtime.checkpoint import BLOCKS_KEY, block_state
+
+        tensors, index = block_state(model, weights)
+        header[BLOCKS_KEY] = json.dumps(index)
+        router = {"kind": "exact", "group_size": mods[0].router.group_size}
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
         "base_config": model.config.to_dict(),
         "routing": routing.to_dict(),
-        "router": {"kind": "int4_shadow", "bits": 4, "group_size": mods[0].router.group_size},
+        "router": router,
         "layers": [_layer_entry(m) for m in mods],
         "weights": weights,
     }
     with atomic_dir(directory, replace=replace) as tmp:
-        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
+        save_file(tensors, str(tmp / WEIGHTS), metadata=header)
         (tmp / CONFIG).write_text(json.dumps({"adaroute": meta}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -100,7 +116,10 @@ def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
         model = build_routed(meta)
     except Exception as e:  # transformers' config classes reject bad values with several exception types
         raise fail(path / CONFIG, f"base_config does not describe a model ({_first_line(e)})") from e
-    load_weights(model, path / WEIGHTS)
+    if load_weights(model, path / WEIGHTS):  # stored as blocks: the runtime reads them from the file
+        if recorded_format(meta) == F32:
+            raise fail(path / CONFIG, "weights says f32 but model.safetensors holds blocks: restore config.json")
+        model.adaroute_blocks = (path, recorded_format(meta))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # tokenizers raise many types on damaged files; all mean "unreadable"
@@ -130,25 +149,41 @@ def build_routed(meta: dict[str, Any]) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     layers = [e["layer"] for e in meta["layers"]]
     mods = route_model(model, group_size=int(meta["router"]["group_size"]), layers=layers)
+    exact = meta["router"].get("kind") == "exact"
     for m, entry in zip(mods, meta["layers"], strict=True):
         object.__setattr__(m, "original", None)  # a loaded model has no dense original to restore
-        m.set_policy(LayerPolicy(_float(entry["threshold"]), int(entry["min_units"]), int(entry["max_units"])))
-        m.profile = LayerProfile.from_dict(entry["profile"]) if entry.get("profile") else None
+        held = layer_policy(entry, m.units)
+        m.set_policy(held.policy)
+        m.profile = held.profile
         if entry.get("adapter_rank", 0):  # weights arrive with load_weights
             m.adapter = RoutingAdapter(m.hidden, m.units, int(entry["adapter_rank"]))
+        if exact:
+            m.router = ExactRouter(m, m.router.unit_bias)
     return model
 
 
-def load_weights(model: nn.Module, file: Path) -> None:
-    """Load ``file`` into ``model`` after checking that keys and shapes match exactly."""
-    expected = {k: tuple(v.shape) for k, v in _unique_state(model).items()}
+def layer_policy(entry: dict[str, Any], units: int) -> UnitPolicy:
+    """A (checked) ``layers`` entry of config.json as a policy holder."""
+    policy = LayerPolicy(_float(entry["threshold"]), int(entry["min_units"]), int(entry["max_units"]))
+    profile = LayerProfile.from_dict(entry["profile"]) if entry.get("profile") else None
+    return UnitPolicy(int(entry["layer"]), units, policy, profile)
+
+
+def load_weights(model: nn.Module, file: Path) -> bool:
+    """Load ``file`` into ``model`` after checking that keys and shapes match exactly (blocks are
+    dequantised); returns whether the file held blocks."""
+    from adaroute.runtime.checkpoint import BLOCKS_KEY, float_state
+
+    expected = {k: tuple(v.shape) for k, v in unique_state(model).items()}
     try:
         with safe_open(str(file), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            problems = _mismatches(expected, found)
-            if problems:
-                raise fail(file, f"weights do not match the config: {problems}")
             state = {k: f.get_tensor(k) for k in f.keys()}
+            index = json.loads((f.metadata() or {}).get(BLOCKS_KEY, "{}"))
+        if index:
+            state = float_state(state, index)
+        problems = _mismatches(expected, {k: tuple(v.shape) for k, v in state.items()})
+        if problems:
+            raise fail(file, f"weights do not match the config: {problems}")
     except RoutedFormatError:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on damaged files
@@ -157,6 +192,7 @@ def load_weights(model: nn.Module, file: Path) -> None:
     untied = [k for k in missing if k not in _aliases(model)]
     if untied:
         raise fail(file, f"weights do not match the config: missing {untied[:5]}")
+    return bool(index)
 
 
 def _mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
@@ -173,7 +209,7 @@ def _mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
     return ", ".join(parts)
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict with tied tensors stored once (safetensors refuses shared storage)."""
     seen: set[int] = set()
     out = {}
@@ -186,7 +222,7 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _aliases(model: nn.Module) -> set[str]:
-    return set(model.state_dict()) - set(_unique_state(model))
+    return set(model.state_dict()) - set(unique_state(model))
 
 
 def _layer_entry(m) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from adaroute.runtime.failsafe import FailSafe
 from adaroute.runtime.kv_cache import KVCache
 from adaroute.runtime.policy import ExecutionPolicy
 from adaroute.runtime.quant_step import fused_decoder
-from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, from_model
+from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN
 
 
 class UnitCounter:
@@ -97,7 +97,10 @@ class Engine:
     @classmethod
     def from_model(cls, model: nn.Module, kernel: ModuleType | str | None = None,
                    policy: ExecutionPolicy | None = None, max_positions: int | None = None) -> Engine:
-        return cls(from_model(model, max_positions), kernel, policy)
+        """An engine on ``model``'s weights in the format it is stored in (``formats.runtime_weights``)."""
+        from adaroute.runtime.formats import runtime_weights
+
+        return cls(runtime_weights(model, None, max_positions), kernel, policy)
 
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         if max_len > self.w.max_positions:

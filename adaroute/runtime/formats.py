@@ -6,10 +6,11 @@
 
 Names users may give (``--weights`` of convert, eval and bench): ``f32``; ``q8`` = ``q8_0``; ``q4`` =
 ``q4_1``; ``q4_0``. The canonical names (``FORMATS``) are GGUF's block formats. A routed model directory
-records the format it was converted for in config.json (``"adaroute": {"weights": "q4_1"}``); the file
-itself always holds float32 weights, and the blocks are made from them when the model is loaded to run
-(``quantise``: ggml's rounding; routed layers take the exact router, routing adapters stay float32 and
-apply to the selected units). A directory without the field runs at f32.
+records the format it was converted for in config.json (``"adaroute": {"weights": "q4_1"}``) and, from
+format version 3, stores the blocks themselves (``adaroute.runtime.checkpoint``: ggml's rounding, made
+once at conversion; routed layers take the exact router, routing adapters stay float32 and apply to
+the selected units); such a model runs only at its format. A version-2 directory recording q8/q4
+holds float32 weights, quantised when loaded to run. A directory without the field runs at f32.
 
 Nothing here imports torch at module level (``runtime_weights`` imports the runtime when called).
 """
@@ -47,23 +48,53 @@ def recorded_format(meta: dict[str, Any] | None) -> str:
     return value
 
 
+def stored_blocks(meta: dict[str, Any] | None) -> str | None:
+    """The block format a routed directory's file holds (None: float32). From format version 3 a
+    directory recorded at q8/q4 stores that format's blocks; older ones store float32 at any format."""
+    fmt = recorded_format(meta)
+    return fmt if fmt != F32 and meta.get("format_version", 0) >= 3 else None
+
+
 def model_format(info, requested: str | None = None) -> str:
     """The format to run a model inspected with ``adaroute.models.inspect_model`` at: ``requested``
     (a user's name) or, when None, a routed directory's recorded format (f32 for Hugging Face
-    directories and GGUF files)."""
+    directories and GGUF files). A directory stored as blocks runs only at their format."""
     meta = None
     if info.routed:
         from adaroute.routing.storage import read_meta
 
         meta = read_meta(info.source.directory)
-    return parse_format(requested) if requested is not None else recorded_format(meta)
+    if requested is None:
+        return recorded_format(meta)
+    fmt, stored = parse_format(requested), stored_blocks(meta)
+    if stored is not None and fmt != stored:
+        raise _only_at(info.source.directory, stored, fmt)
+    return fmt
+
+
+def _only_at(directory, stored: str, fmt: str) -> AdarouteError:
+    return AdarouteError(f"{directory} stores its weights as {stored} blocks and runs only at that format (asked "
+                         f"for {fmt}): leave --weights out, or convert the model again with --weights {fmt}")
 
 
 def runtime_weights(model, fmt: str | None, max_positions: int | None = None):
     """The runtime's ``ModelWeights`` of a loaded model at ``fmt`` (any name ``parse_format`` takes;
-    None = f32): ``from_model`` (views of the model's float32 tensors), then ``quantise`` for q8/q4.
+    None = the format the model is stored in: f32 unless it came from a directory of blocks).
 
-    Routed layers read the thresholds of their modules' current density when the engine runs."""
+    A model loaded from a directory stored as blocks runs on those blocks, read from its file
+    (``adaroute.runtime.checkpoint.load_weights``; its modules hold the routed policies), and only at
+    their format: anything else would round them twice. Otherwise ``from_model`` (views of the
+    model's float32 tensors), then ``quantise`` for q8/q4. Routed layers read the thresholds of their
+    modules' current density when the engine runs."""
+    blocks = getattr(model, "adaroute_blocks", None)  # (directory, format), set by load_routed
+    if blocks is not None:
+        directory, stored = blocks
+        if fmt is not None and parse_format(fmt) != stored:
+            raise _only_at(directory, stored, parse_format(fmt))
+        from adaroute.routing.surgery import routed_modules
+        from adaroute.runtime.checkpoint import load_weights
+
+        return load_weights(directory, max_positions, routed_modules(model))
     from adaroute.runtime.weights import from_model
 
     fmt = parse_format(fmt)

@@ -18,16 +18,14 @@ which changes no byte of any block.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from adaroute.errors import AdarouteError
 from adaroute.kernels.quant_reference import GGML_NAMES, QuantWeight, pack16
-from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, _rope_table
+from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, rope_for_config
 
 _QUANT = {v: k for k, v in GGML_NAMES.items()}  # GGML type name -> our format name
 _FLOAT = ("F32", "F16", "BF16")
@@ -66,7 +64,7 @@ def from_gguf(path: str | Path, max_positions: int | None = None) -> ModelWeight
               for i in range(cfg.num_hidden_layers)]
     embed = get("token_embd.weight")
     head = get("output.weight") if "output.weight" in tensors else embed  # tied: the embedding itself
-    cos, sin = _rope_table(_rotary_holder(cfg), max_positions or cfg.max_position_embeddings, cfg.head_dim)
+    cos, sin = rope_for_config(cfg, max_positions or cfg.max_position_embeddings, cfg.head_dim)
     return ModelWeights(embed=embed, layers=layers, final_norm=get("output_norm.weight"), head=head, n_heads=n_heads,
                         n_kv_heads=n_kv, head_dim=cfg.head_dim, eps=float(cfg.rms_norm_eps), rope_cos=cos,
                         rope_sin=sin)
@@ -125,13 +123,6 @@ def _unpermute(rows: int, heads: int) -> np.ndarray:
     """Row order that undoes llama.cpp's q/k permutation (transformers' ``_reverse_permute_weights``)."""
     dim = rows // heads // 2
     return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows)
-
-
-def _rotary_holder(cfg) -> SimpleNamespace:
-    """The family's own rotary module, in the shape ``_rope_table`` reads (model.model.rotary_emb)."""
-    module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
-    rotary = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    return SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary(cfg)))
 
 
 def weight_format(w: ModelWeights) -> str:

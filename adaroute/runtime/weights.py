@@ -121,6 +121,9 @@ def from_model(model: nn.Module, max_positions: int | None = None) -> ModelWeigh
     """Collect a loaded transformers Llama-family model's weights (shared, float32, contiguous)."""
     from adaroute.models import adapter_for  # noqa: PLC0415 (models pulls in transformers)
 
+    if getattr(model, "adaroute_blocks", None) is not None:
+        raise ValueError("model: it was loaded from a directory stored as blocks; build its weights with "
+                         "adaroute.runtime.formats.runtime_weights, which reads the blocks")
     adapter = adapter_for(model)
     cfg = model.config
     n_heads = cfg.num_attention_heads
@@ -200,6 +203,17 @@ def _rope_table(model: nn.Module, positions: int, head_dim: int) -> tuple[torch.
     probe = torch.zeros(1, 1, head_dim, dtype=torch.float32, device=device)
     cos, sin = rotary(probe, pos)  # [1, S, D]
     return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
+def rope_for_config(cfg, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_rope_table`` from a transformers config alone: the family's own rotary module built from it
+    (for weights read from files, with no model)."""
+    import importlib
+    from types import SimpleNamespace
+
+    module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
+    rotary = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    return _rope_table(SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary(cfg))), positions, head_dim)
 
 
 def weight_bytes(w: ModelWeights, density: float | None = None) -> dict[str, int]:

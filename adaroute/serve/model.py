@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from adaroute.runtime import Engine, ExecutionPolicy, chat_prompt_ids, from_model, stop_tokens_for
+from adaroute.runtime import Engine, ExecutionPolicy, chat_prompt_ids, stop_tokens_for
+from adaroute.runtime.formats import runtime_weights
 
 ARMS = ("dense", "routed")
 
@@ -33,7 +34,7 @@ class ServedModel:
     def __init__(self, model: nn.Module, tokenizer, name: str, context: int | None = None, source: Path | None = None,
                  aliases: tuple[str, ...] = ()):
         self.model, self.tokenizer, self.name, self.aliases = model, tokenizer, name, aliases
-        weights = from_model(model)
+        weights = runtime_weights(model, None)  # a directory of blocks serves its blocks
         self.context = min(context or weights.max_positions, weights.max_positions)
         self.engines = {"dense": Engine(weights, policy=ExecutionPolicy.always_dense())}
         if weights.routed:

@@ -1,0 +1,180 @@
+"""The runtime's weights read straight from a routed directory's model.safetensors, and the block
+form that file takes at q8/q4.
+
+    weights = load_weights("out/routed-q4")      # ModelWeights; no transformers model, no float32 copy
+    tensors, index = block_state(model, "q4_1")  # what save_routed writes for a q4_1 directory
+
+Shape letters:
+    H  hidden    F  FFN units    V  vocabulary
+
+A directory converted at ``--weights q8/q4`` stores every matrix the runtime quantises as GGUF
+blocks in GGUF's row layout (uint8 [rows, row bytes]); the safetensors header's ``blocks`` entry
+maps each such key to [format, rows, columns]. The blocks are exactly those ``quant_weights.quantise``
+makes at load time from the float32 model (the tensors are paired with the float ones they come
+from, so there is one rule for which tensor gets which format). A routed FFN's unit store ``w_units``
+[F, 3, H] becomes three keys, ``w_units.gate``, ``w_units.up`` and ``w_units.down_t``; its router is
+the exact one (``routing.router.ExactRouter``: only ``router.unit_bias`` is kept, no int4 shadow);
+norms, biases and routing adapters stay float32.
+
+``load_weights`` builds the runtime's ``ModelWeights`` from the file alone, for float32 and block
+directories alike: blocks are copied out of the file into the kernels' g16 layout (``pack16``, a
+permutation of bytes), never dequantised, so a q4 model holds about its blocks' size in memory. The
+routed layers' policies are ``UnitPolicy`` objects from config.json (or the loaded model's modules,
+when a caller has them, so that ``apply_density`` on those modules moves the engine).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from adaroute.kernels.quant_reference import BLOCK, QuantWeight, dequantize, pack16, unpack16
+from adaroute.kernels.reference import Adapter
+from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, rope_for_config
+
+UNIT_PARTS = ("gate", "up", "down_t")  # the keys a routed FFN's w_units becomes as blocks
+BLOCKS_KEY = "blocks"  # safetensors header entry: {key: [format, rows, columns]}
+
+
+def block_state(model, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """``model``'s unique state (routed, loaded, float32) with every matrix the runtime quantises at
+    ``fmt`` replaced by its blocks (row layout) and the int4 shadows dropped -> (tensors, index)."""
+    from adaroute.routing.storage import unique_state
+    from adaroute.runtime.quant_weights import quantise
+    from adaroute.runtime.weights import from_model
+
+    state = unique_state(model)
+    names = {t.data_ptr(): k for k, t in state.items()}
+    for k, t in state.items():
+        if k.endswith("mlp.w_units"):  # the three [F, H] views of [F, 3, H] start H floats apart
+            step = t.shape[-1] * t.element_size()
+            names.update({t.data_ptr() + j * step: f"{k}.{part}" for j, part in enumerate(UNIT_PARTS)})
+    floats = from_model(model, max_positions=1)
+    blocks = quantise(floats, fmt)
+    tensors = {k: t for k, t in state.items()
+               if not (k.endswith("mlp.w_units") or k.endswith("router.shadow_q") or k.endswith("router.shadow_scale"))}
+    index = {}
+    for f, q in _pairs(floats, blocks):
+        key = names[f.data_ptr()]
+        tensors.pop(key, None)
+        rows = unpack16(q)
+        tensors[key], index[key] = rows.data.contiguous(), [q.fmt, rows.data.shape[0], q.cols]
+    return tensors, index
+
+
+def float_state(tensors: dict[str, torch.Tensor], index: dict[str, list]) -> dict[str, torch.Tensor]:
+    """A block state back in float32 (dequantised; unit stores re-assembled), for loading a module."""
+    out = {k: t for k, t in tensors.items() if k not in index}
+    for key, (fmt, rows, cols) in index.items():
+        base, _, part = key.rpartition(".")
+        if part not in UNIT_PARTS or not base.endswith("w_units"):
+            out[key] = dequantize(tensors[key], fmt).reshape(rows, cols)
+    for key in {k.rpartition(".")[0] for k in index if k.rpartition(".")[0].endswith("mlp.w_units")}:
+        parts = [dequantize(tensors[f"{key}.{p}"], index[f"{key}.{p}"][0]) for p in UNIT_PARTS]
+        out[key] = torch.stack(parts, dim=1)  # [F, 3, H]
+    return out
+
+
+def _pairs(floats: ModelWeights, blocks: ModelWeights):
+    """(float tensor, QuantWeight) for every quantised matrix, the tied head once."""
+    seen = set()
+    candidates = [(floats.embed, blocks.embed), (floats.head, blocks.head)]
+    for fl, ql in zip(floats.layers, blocks.layers, strict=True):
+        candidates += [(getattr(fl, n), getattr(ql, n)) for n in ("wq", "wk", "wv", "wo")]
+        down = "w_down" if isinstance(fl.ffn, DenseFFN) else "w_down_t"
+        candidates += [(getattr(fl.ffn, n), getattr(ql.ffn, n)) for n in ("w_gate", "w_up", down)]
+    for f, q in candidates:
+        if f.data_ptr() not in seen:
+            seen.add(f.data_ptr())
+            yield f, q
+
+
+def read_index(file: Path) -> dict[str, list]:
+    """The ``blocks`` entry of a model.safetensors header ({} for a float32 file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get(BLOCKS_KEY, "{}"))
+
+
+def load_weights(directory: str | Path, max_positions: int | None = None, policies: list | None = None) -> ModelWeights:
+    """``ModelWeights`` of a routed directory from its files alone (checked as ``load_routed`` checks
+    them). ``policies``: one object per routed layer holding its policy (``RoutedMLP`` modules of the
+    same directory loaded as a model); default ``UnitPolicy`` objects from config.json."""
+    from safetensors import safe_open
+
+    from adaroute.routing.storage import layer_policy, read_meta
+    from adaroute.routing.validation import WEIGHTS, check_safetensors
+
+    path = Path(directory)
+    meta = read_meta(path)
+    check_safetensors(path / WEIGHTS)
+    index = read_index(path / WEIGHTS)
+    cfg = _config(meta["base_config"])
+    entries = {e["layer"]: e for e in meta["layers"]}
+    if policies is None:
+        policies = [layer_policy(e, cfg.intermediate_size) for e in meta["layers"]]
+    by_layer = dict(zip(entries, policies, strict=True))
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        keys = set(f.keys())
+
+        def get(key: str, g16: bool = True):
+            t = f.get_tensor(key)
+            if key not in index:
+                return t.float() if t.dtype != torch.uint8 else t
+            q = QuantWeight(t, index[key][0], index[key][2])
+            return pack16(q) if g16 else q
+
+        def opt(key: str):
+            return get(key) if key in keys else None
+
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            biases = [opt(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            ffn = _routed(get, opt, p + "mlp.", by_layer[i]) if i in by_layer else \
+                DenseFFN(*(get(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down")))
+            layers.append(LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"), wq=get(p + "self_attn.q_proj.weight"),
+                wk=get(p + "self_attn.k_proj.weight"), wv=get(p + "self_attn.v_proj.weight"),
+                wo=get(p + "self_attn.o_proj.weight"),
+                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                q_norm=opt(p + "self_attn.q_norm.weight"), k_norm=opt(p + "self_attn.k_norm.weight"),
+                mlp_norm=get(p + "post_attention_layernorm.weight"), ffn=ffn))
+        embed = get("model.embed_tokens.weight")
+        head = get("lm_head.weight") if "lm_head.weight" in keys else embed
+        final_norm = get("model.norm.weight")
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    cos, sin = rope_for_config(cfg, max_positions or cfg.max_position_embeddings, head_dim)
+    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, head=head, n_heads=n_heads,
+                        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
+                        eps=float(cfg.rms_norm_eps), rope_cos=cos, rope_sin=sin)
+
+
+def _routed(get, opt, p: str, policy) -> RoutedFFN:
+    """A routed FFN: float32 views of the [F, 3, H] store, or g16 gate/up and row-layout down blocks
+    (as ``quantise`` lays them out for the exact router)."""
+    if opt(p + "router.shadow_q") is not None:
+        units = get(p + "w_units")  # [F, 3, H]
+        gate, up, down_t = units[:, 0], units[:, 1], units[:, 2]
+        shadow_q, shadow_scale = get(p + "router.shadow_q"), get(p + "router.shadow_scale")
+    else:
+        gate, up = get(p + "w_units.gate"), get(p + "w_units.up")
+        down_t = get(p + "w_units.down_t", g16=False)
+        h = gate.cols  # no int4 shadow (as quantise leaves it: zero rows of the shadow's widths)
+        shadow_q, shadow_scale = torch.empty(0, h // 2, dtype=torch.uint8), torch.empty(0, h // BLOCK)
+    w_in = opt(p + "adapter.w_in")
+    adapter = None if w_in is None else Adapter(w_in, get(p + "adapter.w_units"), get(p + "adapter.w_out"))
+    return RoutedFFN(gate, up, down_t, shadow_q, shadow_scale, get(p + "router.unit_bias"), policy, adapter)
+
+
+def _config(base: dict):
+    """The transformers config a directory's ``base_config`` describes."""
+    from transformers import AutoConfig
+
+    base = dict(base)
+    return AutoConfig.for_model(base.pop("model_type"), **base)
