@@ -25,15 +25,15 @@ def run(args) -> int:
         raise AdarouteError("the prompt is empty: give some text to answer")
     if "\x00" in args.prompt:
         raise AdarouteError("the prompt contains a NUL character: give plain text")
-    from adaroute.models import inspect_model, load_model
+    from adaroute.models import inspect_model
 
     context = inspect_model(args.model).context
     if context and args.max_new_tokens >= context:
         raise AdarouteError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context ({context} "
                             f"tokens, prompt included): use at most {context - 1}")
     setup_threads()
-    model, tokenizer = load_model(args.model)
-    from adaroute.generate import generate
+    from adaroute.generate import load_engine, reply
 
-    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    engine, tokenizer, model = load_engine(args.model)
+    print(reply(engine, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, model))
     return 0

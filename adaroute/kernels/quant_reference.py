@@ -141,11 +141,13 @@ def pack16(w: QuantWeight) -> QuantWeight:
         return w
     m, row_bytes = w.data.shape
     groups = -(-m // GROUP)
-    rows = torch.zeros(groups * GROUP, row_bytes, dtype=torch.uint8)
-    rows[:m] = w.data
+    rows = w.data
+    if m % GROUP:  # padded with zero blocks (a copy only then: loading holds one tensor twice at most)
+        rows = torch.zeros(groups * GROUP, row_bytes, dtype=torch.uint8)
+        rows[:m] = w.data
     index = _g16_index(w.fmt, w.cols // BLOCK).reshape(-1)  # [16*B*J]
     packed = torch.empty(groups, GROUP * row_bytes, dtype=torch.uint8)
-    packed[:, index] = rows.view(groups, -1)
+    packed[:, index] = rows.reshape(groups, -1)
     return QuantWeight(packed, w.fmt, w.cols, "g16", m)
 
 

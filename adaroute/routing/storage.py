@@ -106,8 +106,6 @@ def save_routed(
 
 def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
     """Read a directory written by ``save_routed`` -> (routed model in eval mode, tokenizer)."""
-    from transformers import AutoTokenizer
-
     path = Path(directory)
     meta = read_meta(path)
     check_safetensors(path / WEIGHTS)
@@ -120,11 +118,17 @@ def load_routed(directory: str | Path) -> tuple[nn.Module, object]:
         if recorded_format(meta) == F32:
             raise fail(path / CONFIG, "weights says f32 but model.safetensors holds blocks: restore config.json")
         model.adaroute_blocks = (path, recorded_format(meta))
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The directory's tokenizer (checked by ``check_tokenizer`` first), or a one-line error."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # tokenizers raise many types on damaged files; all mean "unreadable"
         raise fail(path, f"the tokenizer files cannot be read ({_first_line(e)})") from e
-    return model.eval(), tokenizer
 
 
 def read_meta(path: Path) -> dict[str, Any]:

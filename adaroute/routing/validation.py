@@ -118,8 +118,10 @@ def _as_float(x: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def check_safetensors(file: Path) -> None:
-    """The file exists and holds a well-formed header whose tensors all fit inside the file.
+def check_safetensors(file: Path) -> dict:
+    """The file exists and holds a well-formed header whose tensors all fit inside the file; returns
+    the header (JSON object: tensor entries and ``__metadata__``) and where the data block starts as
+    ``__data_start__``.
 
     safetensors' own reader reports truncation as an opaque error (or, memory-mapping, only when
     a tensor is touched), so the header is read here with the format's documented layout:
@@ -142,6 +144,7 @@ def check_safetensors(file: Path) -> None:
     ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
     if not ends or max(ends) > size - 8 - n:
         raise fail(file, f"is truncated ({size} bytes, its header promises {8 + n + max(ends, default=0)})")
+    return {**header, "__data_start__": 8 + n}
 
 
 def check_tokenizer(directory: Path) -> None:

@@ -104,25 +104,23 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     """``ModelWeights`` of a routed directory from its files alone (checked as ``load_routed`` checks
     them). ``policies``: one object per routed layer holding its policy (``RoutedMLP`` modules of the
     same directory loaded as a model); default ``UnitPolicy`` objects from config.json."""
-    from safetensors import safe_open
-
     from adaroute.routing.storage import layer_policy, read_meta
     from adaroute.routing.validation import WEIGHTS, check_safetensors
 
     path = Path(directory)
     meta = read_meta(path)
-    check_safetensors(path / WEIGHTS)
-    index = read_index(path / WEIGHTS)
-    cfg = _config(meta["base_config"])
+    header = check_safetensors(path / WEIGHTS)
+    index = json.loads(header.get("__metadata__", {}).get(BLOCKS_KEY, "{}"))
+    base = meta["base_config"]
     entries = {e["layer"]: e for e in meta["layers"]}
     if policies is None:
-        policies = [layer_policy(e, cfg.intermediate_size) for e in meta["layers"]]
+        policies = [layer_policy(e, base["intermediate_size"]) for e in meta["layers"]]
     by_layer = dict(zip(entries, policies, strict=True))
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        keys = set(f.keys())
+    with open(path / WEIGHTS, "rb") as f:
+        keys = {k for k in header if not k.startswith("__")}
 
         def get(key: str, g16: bool = True):
-            t = f.get_tensor(key)
+            t = _read(f, header, key)
             if key not in index:
                 return t.float() if t.dtype != torch.uint8 else t
             q = QuantWeight(t, index[key][0], index[key][2])
@@ -132,7 +130,7 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
             return get(key) if key in keys else None
 
         layers = []
-        for i in range(cfg.num_hidden_layers):
+        for i in range(base["num_hidden_layers"]):
             p = f"model.layers.{i}."
             biases = [opt(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
             ffn = _routed(get, opt, p + "mlp.", by_layer[i]) if i in by_layer else \
@@ -147,12 +145,49 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
         embed = get("model.embed_tokens.weight")
         head = get("lm_head.weight") if "lm_head.weight" in keys else embed
         final_norm = get("model.norm.weight")
-    n_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    cos, sin = rope_for_config(cfg, max_positions or cfg.max_position_embeddings, head_dim)
+    n_heads = base["num_attention_heads"]
+    head_dim = base.get("head_dim") or base["hidden_size"] // n_heads
+    cos, sin = _rope(base, max_positions or base["max_position_embeddings"], head_dim)
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, head=head, n_heads=n_heads,
-                        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
-                        eps=float(cfg.rms_norm_eps), rope_cos=cos, rope_sin=sin)
+                        n_kv_heads=base.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+                        eps=float(base["rms_norm_eps"]), rope_cos=cos, rope_sin=sin)
+
+
+def _rope(base: dict, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, D] as ``weights._rope_table`` computes them with the family's rotary module. The
+    default RoPE is written out here (transformers' ``compute_default_rope_parameters`` and the
+    rotary ``forward``, the same float32 operations): importing the modeling code to build that module
+    costs ~60 MB of resident memory, half a q4 model. Other RoPE types build the module."""
+    params = base.get("rope_parameters") or {}
+    if params.get("rope_type") != "default" or base.get("partial_rotary_factor") not in (None, 1.0):
+        return rope_for_config(_config(base), positions, head_dim)
+    inv_freq = 1.0 / (float(params["rope_theta"]) ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = torch.arange(positions)[:, None].float() * inv_freq  # [S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().contiguous(), emb.sin().contiguous()
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+           "I64": torch.int64}
+
+
+def _read(f, header: dict, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file read into its own buffer.
+
+    Written here rather than through ``safetensors.safe_open``: that maps the whole file and hands out
+    tensors that are views of the mapping, so every page stays resident for as long as any tensor
+    lives (measured: the q4 directory's 118 MB of file pages beside the g16 copies the kernels read).
+    The runtime keeps its own layout of each tensor, so it reads each one once, through the page
+    cache, and the file costs nothing after loading. The header was checked by ``check_safetensors``."""
+    entry = header[key]
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] not in _DTYPES:
+        raise ValueError(f"{key}: dtype {entry['dtype']} is not one the runtime reads")
+    out = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    f.seek(header["__data_start__"] + begin)
+    if f.readinto(memoryview(out.view(torch.uint8).numpy()).cast("B")) != end - begin:
+        raise ValueError(f"{key}: the file ends inside the tensor")
+    return out
 
 
 def _routed(get, opt, p: str, policy) -> RoutedFFN:

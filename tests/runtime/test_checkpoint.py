@@ -118,6 +118,8 @@ def test_a_float32_directory_read_from_its_file_equals_the_loaded_model(adapted,
     a, b = from_model(loaded), load_weights(tmp_path)
     for (name, x), (_, y) in zip(_matrices(a), _matrices(b), strict=True):
         assert torch.equal(x, y), name
+    # the default RoPE written out == the family's rotary module, bit for bit
+    assert torch.equal(a.rope_cos, b.rope_cos) and torch.equal(a.rope_sin, b.rope_sin)
     for policy in (ExecutionPolicy.always_dense(), ExecutionPolicy.always_sparse()):
         assert torch.equal(_logits(a, tiny_ids, policy), _logits(b, tiny_ids, policy))
 
@@ -128,3 +130,14 @@ def test_a_block_directory_is_about_its_blocks_size(adapted, tmp_path):
         save_routed(adapted, make_tiny_tokenizer(), tmp_path / fmt, "tiny", RoutingConfig(), weights=fmt)
         sizes[fmt] = (tmp_path / fmt / "model.safetensors").stat().st_size
     assert sizes["q8_0"] < 0.4 * sizes["f32"] and sizes["q4_1"] < sizes["q8_0"], sizes
+
+
+def test_generate_runs_a_block_directory_from_its_files_as_the_loaded_model_would(adapted, tmp_path, capsys):
+    from adaroute.cli import main
+    from adaroute.generate import generate
+
+    save_routed(adapted, make_tiny_tokenizer(), tmp_path, "tiny", RoutingConfig(), weights="q4_1")
+    assert main(["generate", str(tmp_path), "lists and tuples", "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    loaded, tokenizer = load_routed(tmp_path)
+    assert printed == generate(loaded, tokenizer, "lists and tuples", max_new_tokens=12)
