@@ -105,17 +105,19 @@ def unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -
     may have their own (q8_0 under 4-bit gate/up). With gate and up in the g16 layout (the exact
     router's), the down rows' stride."""
     ws = (w_gate, w_up, w_down_t)
-    if w_gate.fmt != w_up.fmt or w_gate.layout != w_up.layout or w_down_t.layout != "rows" \
-            or any(w.data.stride(-1) != 1 for w in ws):
+    if w_gate.fmt != w_up.fmt or w_gate.layout != w_up.layout or any(w.data.stride(-1) != 1 for w in ws):
         return None
-    if w_gate.layout == "g16":
-        return w_down_t.data.stride(0) if w_gate.data.is_contiguous() and w_up.data.is_contiguous() else None
+    if w_gate.layout == "g16":  # down rows by unit, or the down projection itself in g16 (stride unused)
+        return w_down_t.data.stride(0) if all(w.data.is_contiguous() for w in ws) else None
+    if w_down_t.layout != "rows":
+        return None
     strides = {w.data.stride(0) for w in ws}
     return strides.pop() if len(strides) == 1 else None
 
 
 def unit_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight, mask=None, residual=None):
-    """Dense SwiGLU FFN in the unit layout (w_down_t [F, H] as blocks along H)."""
+    """Dense SwiGLU FFN in the unit layout (w_down_t [F, H] as blocks along H, or [H, F] g16 as in
+    ``routed_ffn``)."""
     y, _ = _routed(x, w_gate, w_up, w_down_t, None, None, None, float("-inf"), 0, w_gate.shape[0], residual,
                    all_units=True, mask=mask)
     return y
@@ -125,8 +127,10 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
                max_units: int, residual=None, usage: torch.Tensor | None = None, adapter=None):
     """Score -> select -> the selected quantised units. Scores from the int4 shadow (as
     ``reference.router_scores``) or, when ``shadow_q`` is empty, from exact gate and up
-    (``quant_reference.exact_scores``: every gate/up row is read, then only the selected down rows).
-    ``usage`` [F] int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
+    (``quant_reference.exact_scores``: every gate/up row is read). ``w_down_t``: the down columns
+    by unit [F, H] (rows layout: only the selected units' rows are read) or, with g16 gate/up, the
+    down projection itself [H, F] in the g16 layout, applied densely to the activations with the
+    unselected units' set to 0 (``round_activations`` of them, as every g16 product). ``usage`` [F] int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
     (``reference.Adapter``, float32; exact router only): its low-rank terms for the selected units,
     as ``reference.unit_ffn`` applies them, on the activations the g16 products saw."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
@@ -140,14 +144,18 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
 
     ldw = unit_stride(w_gate, w_up, w_down_t)
     exact = not all_units and shadow_q.numel() == 0
-    if w_gate.layout == "g16" and not (exact or all_units):
+    if (w_gate.layout == "g16" or w_down_t.layout == "g16") and not (exact or all_units):
         raise ValueError("gate/up in the g16 layout run with the exact router only (empty shadow_q)")
+    if w_down_t.layout == "g16" and w_gate.layout != "g16":
+        raise ValueError("a g16 down projection [H, F] runs with g16 gate/up (the exact router's layout)")
     if adapter is not None and not exact:
         raise ValueError("routing adapters on quantised units run with the exact router only (empty shadow_q)")
     adapter_ok = adapter is None or all(t.dtype == torch.float32 and t.is_contiguous() for t in adapter)
     if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()) \
             or not adapter_ok:
         ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
+        if w_down_t.layout == "g16":  # the down projection itself, [H, F]
+            ws[2] = ws[2].t()
         if all_units:
             return reference.unit_ffn(x, *ws, mask, residual), None
         if exact:
@@ -167,7 +175,7 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
     for t0 in range(0, t, SLICE):  # selection is per token, so slices of tokens are exact
         xs, ys, cs = x[t0:t0 + SLICE], y[t0:t0 + SLICE], counts[t0:t0 + SLICE]
         _lib().ar_qrouted_ffn(xs.data_ptr(), xs.shape[0], h, f, w_gate.data_ptr(), w_up.data_ptr(),
-                              w_down_t.data_ptr(), ldw, fmt_code(w_gate), FMT_CODES[w_down_t.fmt], router[0],
+                              w_down_t.data_ptr(), ldw, fmt_code(w_gate), fmt_code(w_down_t), router[0],
                               router[1], group, router[2],
                               float(threshold), int(min_units), int(max_units), int(all_units), ys.data_ptr(),
                               cs.data_ptr(), int(residual is not None), torch.get_num_threads(), usage_p,

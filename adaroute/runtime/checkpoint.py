@@ -12,7 +12,8 @@ blocks in GGUF's row layout (uint8 [rows, row bytes]); the safetensors header's 
 maps each such key to [format, rows, columns]. The blocks are exactly those ``quant_weights.quantise``
 makes at load time from the float32 model (the tensors are paired with the float ones they come
 from, so there is one rule for which tensor gets which format). A routed FFN's unit store ``w_units``
-[F, 3, H] becomes three keys, ``w_units.gate``, ``w_units.up`` and ``w_units.down_t``; its router is
+[F, 3, H] becomes three keys, ``w_units.gate`` and ``w_units.up`` [F, H] and ``w_units.down`` [H, F]
+(the down projection in GGUF's own orientation, as the runtime applies it); its router is
 the exact one (``routing.router.ExactRouter``: only ``router.unit_bias`` is kept, no int4 shadow);
 norms, biases and routing adapters stay float32.
 
@@ -34,7 +35,7 @@ from adaroute.kernels.quant_reference import BLOCK, QuantWeight, dequantize, pac
 from adaroute.kernels.reference import Adapter
 from adaroute.runtime.weights import DenseFFN, LayerWeights, ModelWeights, RoutedFFN, rope_for_config
 
-UNIT_PARTS = ("gate", "up", "down_t")  # the keys a routed FFN's w_units becomes as blocks
+UNIT_PARTS = ("gate", "up", "down")  # the keys a routed FFN's w_units becomes as blocks (down: [H, F])
 BLOCKS_KEY = "blocks"  # safetensors header entry: {key: [format, rows, columns]}
 
 
@@ -72,8 +73,8 @@ def float_state(tensors: dict[str, torch.Tensor], index: dict[str, list]) -> dic
         if part not in UNIT_PARTS or not base.endswith("w_units"):
             out[key] = dequantize(tensors[key], fmt).reshape(rows, cols)
     for key in {k.rpartition(".")[0] for k in index if k.rpartition(".")[0].endswith("mlp.w_units")}:
-        parts = [dequantize(tensors[f"{key}.{p}"], index[f"{key}.{p}"][0]) for p in UNIT_PARTS]
-        out[key] = torch.stack(parts, dim=1)  # [F, 3, H]
+        gate, up, down = (dequantize(tensors[f"{key}.{p}"], index[f"{key}.{p}"][0]) for p in UNIT_PARTS)
+        out[key] = torch.stack([gate, up, down.t()], dim=1)  # [F, 3, H]
     return out
 
 
@@ -119,12 +120,11 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     with open(path / WEIGHTS, "rb") as f:
         keys = {k for k in header if not k.startswith("__")}
 
-        def get(key: str, g16: bool = True):
+        def get(key: str):
             t = _read(f, header, key)
             if key not in index:
                 return t.float() if t.dtype != torch.uint8 else t
-            q = QuantWeight(t, index[key][0], index[key][2])
-            return pack16(q) if g16 else q
+            return pack16(QuantWeight(t, index[key][0], index[key][2]))
 
         def opt(key: str):
             return get(key) if key in keys else None
@@ -191,15 +191,13 @@ def _read(f, header: dict, key: str) -> torch.Tensor:
 
 
 def _routed(get, opt, p: str, policy) -> RoutedFFN:
-    """A routed FFN: float32 views of the [F, 3, H] store, or g16 gate/up and row-layout down blocks
-    (as ``quantise`` lays them out for the exact router)."""
+    """A routed FFN: float32 views of the [F, 3, H] store, or blocks for the exact router."""
     if opt(p + "router.shadow_q") is not None:
         units = get(p + "w_units")  # [F, 3, H]
         gate, up, down_t = units[:, 0], units[:, 1], units[:, 2]
         shadow_q, shadow_scale = get(p + "router.shadow_q"), get(p + "router.shadow_scale")
-    else:
-        gate, up = get(p + "w_units.gate"), get(p + "w_units.up")
-        down_t = get(p + "w_units.down_t", g16=False)
+    else:  # blocks: g16 gate/up and the down projection [H, F], as quantise lays them out
+        gate, up, down_t = (get(p + f"w_units.{part}") for part in UNIT_PARTS)
         h = gate.cols  # no int4 shadow (as quantise leaves it: zero rows of the shadow's widths)
         shadow_q, shadow_scale = torch.empty(0, h // 2, dtype=torch.uint8), torch.empty(0, h // BLOCK)
     w_in = opt(p + "adapter.w_in")

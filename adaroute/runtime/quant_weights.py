@@ -141,7 +141,8 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     block store [F, bytes of three rows], so a selected unit is one contiguous read, as in float32.
 
     ``router`` per routed layer: "exact" (the default, also "auto": gate and up of every unit through
-    the g16 kernels and scored exactly, then only the selected down rows) or "shadow" (the int4
+    the g16 kernels and scored exactly, the down projection [H, F] of the selected units' activations)
+    or "shadow" (the int4
     shadow scores every unit, then the selected units' three rows are gathered from one unit-packed
     store). By bytes the shadow wins at q8_0 and low density (docs/quantised.md), but its gather runs
     the row layout's compute-bound kernels: measured, the exact router decodes 1.3-1.6x faster at
@@ -149,10 +150,11 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     from adaroute.kernels.quant_reference import quantize
 
     done: dict[int, QuantWeight] = {}  # by data_ptr: the tied head stays the embedding
-    # In a 4-bit model the embedding/head and the routed down rows stay at 8 bits. The head as GGUF
-    # files keep it (the embedded file's token_embd is Q8_0; at 4 bits it alone cost 5 % perplexity).
-    # The down rows because the unit layout blocks them along H while a GGUF blocks ffn_down along F:
-    # from a 4-bit source they would be rounded to 4 bits twice (8 % perplexity on the embedded model).
+    # In a 4-bit model the embedding/head stays at 8 bits, as GGUF files keep it (the embedded file's
+    # token_embd is Q8_0; at 4 bits it alone cost 5 % perplexity), and so do the shadow router's down
+    # rows: the unit layout blocks them along H while a GGUF blocks ffn_down along F, so from a 4-bit
+    # source they would be rounded to 4 bits twice (8 % perplexity on the embedded model). The exact
+    # router keeps ffn_down's own orientation (blocks along F) at the model's format.
     head_fmt = "q8_0" if fmt.startswith("q4") else fmt
 
     def q(t, to=fmt):
@@ -167,12 +169,15 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
             return DenseFFN(q(f.w_gate), q(f.w_up), q(f.w_down))
         if getattr(f, "adapter", None) is not None and router == "shadow":
             raise ValueError("routing adapters on quantised units run with the exact router: use router='exact'")
+        if router in ("auto", "exact"):
+            # every gate/up row is read: the g16 layout (the dense kernels' speed); the down projection
+            # [H, F] blocked along F as GGUF stores ffn_down, applied densely to the masked activations
+            # (gathering 340-612-byte rows with gaps was no faster than reading them all: docs/perf.md 22)
+            gate, up, down = (pack16(quantize(m.contiguous(), fmt)) for m in (f.w_gate, f.w_up, f.w_down_t.t()))
+            return dataclasses.replace(f, w_gate=gate, w_up=up, w_down_t=down,
+                                       shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
         fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
         parts = [quantize(m.contiguous(), to) for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
-        if router in ("auto", "exact"):
-            # every gate/up row is read: the g16 layout (the dense kernels' speed), down rows by unit
-            return dataclasses.replace(f, w_gate=pack16(parts[0]), w_up=pack16(parts[1]), w_down_t=parts[2],
-                                       shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
         store = torch.cat([p.data for p in parts], dim=1)  # [F, bytes of a unit's three rows]
         h, ends = f.w_gate.shape[1], torch.tensor([p.data.shape[1] for p in parts]).cumsum(0).tolist()
         views = {name: QuantWeight(store[:, end - p.data.shape[1]:end], to, h)

@@ -32,7 +32,10 @@ class RoutedFFN:
 
     The three weights are either plain [F, H] tensors or views (row stride 3H) of one [F, 3, H]
     store, a unit's gate row, up row and down column side by side: then a selected unit is one
-    contiguous 12H-byte read, which the gather streams better than three scattered rows."""
+    contiguous 12H-byte read, which the gather streams better than three scattered rows. Block-quantised
+    with the exact router (no shadow), gate and up are g16 [F, H] and ``w_down_t`` holds the down
+    projection itself, [H, F] in the g16 layout (``quant_weights.quantise``): every byte is read, the
+    unselected units' activations are zero."""
 
     w_gate: torch.Tensor  # [F, H]
     w_up: torch.Tensor  # [F, H]
@@ -53,6 +56,11 @@ class RoutedFFN:
         return None if profile is None else profile.density_at(float(self.module.threshold))
 
     @property
+    def dense_down(self) -> bool:
+        """The down projection is applied whole to the masked activations ([H, F] g16, exact router)."""
+        return getattr(self.w_down_t, "layout", None) == "g16"
+
+    @property
     def router_share(self) -> float:
         """Bytes a sparse call reads per token whatever it selects (router, adapter projections) over
         the FFN's weight bytes."""
@@ -62,6 +70,8 @@ class RoutedFFN:
         per_token = nbytes(self.shadow_q, self.shadow_scale, self.unit_bias)
         if self.shadow_q.numel() == 0:  # no shadow: the exact router reads every gate and up row
             per_token += nbytes(self.w_gate, self.w_up)
+        if self.dense_down:  # and the whole down projection
+            per_token += nbytes(self.w_down_t)
         if self.adapter is not None:
             per_token += nbytes(self.adapter.w_in, self.adapter.w_out)
         return per_token / nbytes(self.w_gate, self.w_up, self.w_down_t)
@@ -228,12 +238,13 @@ def weight_bytes(w: ModelWeights, density: float | None = None) -> dict[str, int
         f = ly.ffn
         if isinstance(f, RoutedFFN) and density is not None and f.shadow_q.numel() == 0:
             router += nbytes(f.w_gate, f.w_up, f.unit_bias)  # exact router: gate/up of every unit score it
-            ffn += int(density * nbytes(f.w_down_t))
+            ffn += nbytes(f.w_down_t) if f.dense_down else int(density * nbytes(f.w_down_t))
         elif isinstance(f, RoutedFFN) and density is not None:
             ffn += int(density * nbytes(f.w_gate, f.w_up, f.w_down_t))
             router += nbytes(f.shadow_q, f.shadow_scale, f.unit_bias)
-            if f.adapter is not None:  # both projections per token, the selected units' 3r values
-                adapter += nbytes(f.adapter.w_in, f.adapter.w_out) + int(density * nbytes(f.adapter.w_units))
         else:
             ffn += nbytes(f.w_gate, f.w_up, f.w_down if isinstance(f, DenseFFN) else f.w_down_t)
+        if isinstance(f, RoutedFFN) and density is not None and f.adapter is not None:
+            # both projections per token, the selected units' 3r values
+            adapter += nbytes(f.adapter.w_in, f.adapter.w_out) + int(density * nbytes(f.adapter.w_units))
     return {"attention": attn, "ffn": ffn, "router": router, "adapter": adapter, "head": nbytes(w.head)}

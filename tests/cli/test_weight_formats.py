@@ -225,7 +225,9 @@ def test_eval_routed_directory_runs_at_its_recorded_format(q8_dir, f32_dir, text
     assert rec["perplexity_routed"] == pytest.approx(routed, rel=1e-4) and rec["perplexity"] == rec["perplexity_routed"]
     assert rec["perplexity_ratio"] == pytest.approx(routed / dense, rel=1e-4)
     assert 0 < rec["mean_density"] < 1 and 0 <= rec["top1_agreement"] <= 1
-    assert 0 < rec["ffn_bytes_share"] < 1 and len(rec["layer_density"]) == 2
+    # at q8 the exact router reads gate/up whole and applies the whole down projection to the masked
+    # activations: every FFN byte plus the units' biases
+    assert 1 < rec["ffn_bytes_share"] < 1.05 and len(rec["layer_density"]) == 2
     assert payload["total"]["perplexity_routed"] == pytest.approx(rec["perplexity_routed"], rel=1e-9)
 
     # the float32 directory of the same conversion (deterministic under its seed), quantised when

@@ -169,3 +169,38 @@ def test_exact_router_applies_routing_adapters(layout, tokens):
     close(y, expect)
     assert not torch.allclose(expect, reference.unit_ffn(xr, *floats, mask), atol=1e-3)  # the adapter did it
     close(quant_cpu.unit_ffn(x, *units), reference.unit_ffn(xr, *floats))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_exact_router_with_the_whole_down_projection_matches_reference(fmt, rank, tokens):
+    """The runtime's layout for the exact router: g16 gate/up and the down projection [H, F] in g16,
+    applied to the activations with the unselected units' zeroed (rounded per block of 32 units, as
+    every g16 product); the adapter's down term on the unrounded activations, as the kernel sums it."""
+    import torch.nn.functional as F
+
+    from adaroute.kernels import reference
+    from tests.kernels.test_adapter_kernels import adapter
+    from tests.kernels.test_kernels import gap_threshold, routed_tensors
+
+    t = routed_tensors(tokens + 40)
+    gate, up = (qr.pack16(qr.quantize(t[k], fmt)) for k in ("w_gate", "w_up"))
+    down = qr.pack16(qr.quantize(t["w_down_t"].t().contiguous(), fmt))  # [H, F]
+    a = adapter(seed=tokens, rank=rank) if rank else None
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(9))
+    xr = qr.round_activations(x)
+    scores = qr.exact_scores(xr, gate.dequantize(), up.dequantize(), t["unit_bias"])
+    threshold = gap_threshold(scores, 0.5)
+    empty = t["shadow_q"][:0], t["shadow_scale"][:0]
+    y, counts = quant_cpu.routed_ffn(x, gate, up, down, *empty, t["unit_bias"], threshold, 4, 90, adapter=a)
+    mask = reference.select_units(scores, threshold, 4, 90)
+    assert torch.equal(counts, mask.sum(-1))
+    g, u = reference.adapted_gate_up(xr, gate.dequantize(), up.dequantize(), a)
+    act = F.silu(g) * u * mask  # [T, F]
+    expect = qr.linear(act, down)
+    if a is not None:
+        expect = expect + F.linear(act @ a.w_units[:, 2], a.w_out)
+    close(y, expect)
+    dense = F.silu(xr @ gate.dequantize().T) * (xr @ up.dequantize().T)
+    close(quant_cpu.unit_ffn(x, gate, up, down), qr.linear(dense, down))  # every unit: the base FFN

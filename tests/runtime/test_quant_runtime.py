@@ -109,9 +109,9 @@ def test_quantised_routed_model_equals_its_dequantised_twin(fmt):
 
 
 def test_quantised_routed_layers_take_the_exact_router():
-    """By default every routed layer of a quantised model scores gate/up exactly (g16 gate/up, down
-    rows by unit), and reads fewer bytes at density 0.5 than with every unit; "shadow" keeps the
-    unit-packed store and the int4 shadow."""
+    """By default every routed layer of a quantised model scores gate/up exactly (g16 gate/up, the
+    down projection [H, F] in g16 applied to the masked activations): at density 0.5 it reads every
+    weight byte plus the units' biases; "shadow" keeps the unit-packed store and the int4 shadow."""
     from adaroute.routing import route_model
     from adaroute.runtime.quant_weights import quantise
     from adaroute.runtime.weights import from_model
@@ -123,8 +123,10 @@ def test_quantised_routed_layers_take_the_exact_router():
     for fmt in ("q8_0", "q4_1"):
         q = quantise(w, fmt)
         ffn = q.layers[0].ffn
-        assert ffn.shadow_q.numel() == 0 and ffn.w_gate.layout == "g16" and ffn.w_down_t.layout == "rows"
-        assert sum(q.weight_bytes(0.5).values()) < sum(q.weight_bytes(None).values())
+        assert ffn.shadow_q.numel() == 0 and ffn.w_gate.layout == "g16" and ffn.w_down_t.layout == "g16"
+        assert ffn.w_down_t.shape == (128, 512) and ffn.w_down_t.fmt == fmt
+        biases = sum(ly.ffn.unit_bias.numel() * 4 for ly in q.layers)
+        assert sum(q.weight_bytes(0.5).values()) == sum(q.weight_bytes(None).values()) + biases
         shadow = quantise(w, fmt, router="shadow").layers[0].ffn
         assert shadow.shadow_q.numel() > 0 and shadow.w_gate.layout == "rows"
     assert quantise(w, "q4_1").head.fmt == "q8_0"

@@ -412,6 +412,8 @@ void ar_qgate_up_silu(const float* x, int64_t t_count, int64_t k, const uint8_t*
 // ---- routed FFN over block-quantised units ------------------------------------------------------
 namespace {
 
+constexpr int64_t kGatherAhead = 6;  // selected units ahead whose down rows the gather prefetches
+
 // y[t] += a[t] * dequantize(row) for every token with a[t] != 0 (a row of H/32 blocks).
 template <int64_t FMT>
 inline void qaxpy_row(const uint8_t* row, const float* a, int64_t t_count, float* y, int64_t h) {
@@ -508,9 +510,18 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
       }
   if (!accumulate) std::fill(y, y + t_count * h, 0.0f);
   const int64_t n = static_cast<int64_t>(units.size());
+  const int64_t row_bytes = h / kBlock * block_bytes(fmt_d);
   const std::vector<float> sum = ordered_sum(nthreads, t_count * h, [&](float* part) {
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n; ++j) {
+#ifdef __AVX512F__
+      // The rows of units kGatherAhead selections on, into L2: selected rows are scattered (a gap
+      // wherever a unit was skipped), which the hardware prefetcher does not follow, so without this
+      // every row waited on memory (measured in the decode step: ~90 ns per unit at q8_0, 7 GB/s).
+      if (j + kGatherAhead < n)
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(wd_t + units[j + kGatherAhead] * ldw + b), _MM_HINT_T1);
+#endif
       float a[kMaxTokens];
       act(units[j], a);
       qaxpy(wd_t + units[j] * ldw, fmt_d, a, t_count, part, h);
@@ -522,7 +533,12 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
 // The router for formats where an int4 shadow of gate/up costs about as much as gate/up themselves
 // (q4; q8 at moderate density): gate and up are computed exactly for every unit, scored as the
 // shadow's score is defined but on the exact values, log(|silu(g) u| + 1e-20) + bias, selected by
-// the same policy, and only the selected units' down rows are read.
+// the same policy. The down projection: with fmt_d in the g16 layout (kG16), w_down [H, F] itself
+// times the activations with the unselected units' set to 0, by the dense g16 kernel; else only the
+// selected units' down rows (w_down_t [F, H] rows, ldw apart). The dense product is what the runtime
+// uses: rows of 340-612 bytes gathered with gaps cost as much as reading every row (the hardware
+// prefetcher pulls the skipped rows in; measured: a random half or a quarter of the units' rows
+// took as long as all of them, a contiguous half half as long; docs/perf.md, item 22).
 // The routing adapter of a routed FFN (rank 0: none), as reference.Adapter: a_in [2r, H], a_units
 // [F, 3, r] (B_g row, B_u row, A_d column of unit i), a_out [H, r]. Applied to the selected units only.
 struct QAdapter {
@@ -631,9 +647,15 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
       }
     }
   });
-  gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
-    for (int64_t t = 0; t < t_count; ++t) a[t] = act[t * f + i];
-  });
+  if (fmt_d & kG16) {  // the down projection [H, F] itself: every row, the unselected units' activations 0
+    const int64_t rows[1] = {h}, fmts[1] = {fmt_d};
+    const uint8_t* ws[1] = {wd_t};
+    ar_qlinear(act.data(), t_count, f, 1, ws, rows, fmts, y, h, accumulate, nthreads);
+  } else {
+    gather_down(sel, t_count, f, h, wd_t, ldw, fmt_d, y, accumulate, nthreads, [&](int64_t i, float* a) {
+      for (int64_t t = 0; t < t_count; ++t) a[t] = act[t * f + i];
+    });
+  }
   if (!r) return;
   for (int64_t t = 0; t < t_count; ++t)  // the down adapter's output projection: a_out . zsum[t]
     for (int64_t k = 0; k < h; ++k) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
