@@ -130,7 +130,8 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
     (``quant_reference.exact_scores``: every gate/up row is read). ``w_down_t``: the down columns
     by unit [F, H] (rows layout: only the selected units' rows are read) or, with g16 gate/up, the
     down projection itself [H, F] in the g16 layout, applied densely to the activations with the
-    unselected units' set to 0 (``round_activations`` of them, as every g16 product). ``usage`` [F] int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
+    unselected units' set to 0 (``round_activations`` of them, as every g16 product). ``usage`` [F]
+    int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
     (``reference.Adapter``, float32; exact router only): its low-rank terms for the selected units,
     as ``reference.unit_ffn`` applies them, on the activations the g16 products saw."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
