@@ -1,11 +1,12 @@
 """adaroute and llama.cpp side by side at equal precision: the same model's F32, Q8_0 and Q4_1 GGUF
 files, each run by adaroute on the file's own blocks and by llama.cpp, interleaved in one process;
-with ``--routed DIR``, a routed model of the same base at each file's format too (``--weights``'s
-blocks, ``adaroute.runtime.formats.runtime_weights``).
+with ``--routed DIR [DIR ...]``, a routed model of the same base at each file's format too: the
+directory converted at that format (``adaroute convert --weights``: its stored blocks), else a float32
+one quantised when loaded (``adaroute.runtime.formats.runtime_weights``).
 
     python benchmarks/make_gguf.py -o out/gguf                     # F32 and Q8_0 files of the embedded model
     python benchmarks/quant_compare.py out/gguf/*.F32.gguf out/gguf/*.Q8_0.gguf smollm2-135m \
-        [--routed DIR] [--threads 2] [--repeats 3] [--new-tokens 128] [--ppl-tokens 2048] [--json OUT]
+        [--routed DIR [DIR ...]] [--threads 2] [--repeats 3] [--new-tokens 128] [--ppl-tokens 2048] [--json OUT]
 
 Prints per engine: decode tokens/s (median over interleaved rounds), MB of weights read per token,
 effective GB/s (their product), perplexity on the same held-out windows (``builtin:heldout``, 512-token
@@ -59,6 +60,12 @@ def llama_cpp_ppl(path: str, wins, threads: int) -> float | None:
     return math.exp(nll / scored)
 
 
+def _routed_for(models: dict, fmt: str) -> str | None:
+    """The directory to run at ``fmt``: the one stored in it as blocks, else a float32 one."""
+    stored = {d: getattr(m, "adaroute_blocks", (None, None))[1] for d, m in models.items()}
+    return next((d for d, s in stored.items() if s == fmt), next((d for d, s in stored.items() if s is None), None))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help=".gguf files (or the smollm2-135m alias)")
@@ -67,11 +74,13 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity (0: skip)")
-    p.add_argument("--routed", metavar="DIR", help="a routed model directory of the same base model")
+    p.add_argument("--routed", metavar="DIR", nargs="+", default=[],
+                   help="routed model directories of the same base model: per file, the one stored in that "
+                        "file's format (adaroute convert --weights), else a float32 one quantised when loaded")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    routed = load_model(args.routed)[0] if args.routed else None
+    routed = {d: load_model(d)[0] for d in args.routed}
     from transformers import AutoTokenizer
 
     paths = [str(s.directory / s.gguf_file) for s in map(resolve, args.models)]
@@ -86,10 +95,11 @@ def main() -> None:
         if cpp is not None:
             cpp.name = f"llama.cpp {fmt}"
         extra = None
-        if routed is not None:
-            rw = runtime_weights(routed, fmt if fmt != "mixed" else "f32", max(max_len, 512))
+        source = _routed_for(routed, fmt if fmt != "mixed" else "f32")
+        if source is not None:
+            rw = runtime_weights(routed[source], fmt if fmt != "mixed" else "f32", max(max_len, 512))
             extra = runtime_engine(None, routed=True, name=f"adaroute routed {fmt}", weights=rw)
-            extra.weights = rw
+            extra.weights, extra.source = rw, source
         engines += [e for e in (ours, cpp, extra) if e is not None]
         rows.append((path, fmt, weights, ours, cpp, extra))
     prompts = bench_prompts(tokenizer, 1, args.prompt_tokens)
@@ -113,7 +123,7 @@ def main() -> None:
             r = records[e.name]
             mb = e.bytes_per_step() / 1e6
             ratio = r.decode_tokens_per_s / base.decode_tokens_per_s if base else None
-            out.append({"engine": e.name, "file": path if e is not extra else args.routed, "format": fmt,
+            out.append({"engine": e.name, "file": path if e is not extra else e.source, "format": fmt,
                         "tokens_per_s": r.decode_tokens_per_s, "density": r.density,
                         "mb_per_token": round(mb, 1), "gb_per_s": round(mb * r.decode_tokens_per_s / 1e3, 2),
                         "perplexity": ppl.get(e.name), "vs_llama_cpp": ratio})
