@@ -458,6 +458,12 @@ inline void qaxpy(const uint8_t* row, int64_t fmt, const float* a, int64_t t_cou
 // policy for float units inside its pipelined pass, which this kernel does not share.)
 int64_t select_units(const float* score, int64_t f, float threshold, int64_t min_units, int64_t max_units,
                      uint8_t* sel) {
+  int64_t passed = 0;  // the threshold test alone, branch-free (vectorised); the guards need the order
+  for (int64_t i = 0; i < f; ++i) {
+    sel[i] = score[i] >= threshold;
+    passed += sel[i];
+  }
+  if (passed >= min_units && passed <= max_units) return passed;
   std::vector<int> idx;
   auto keep_top = [&](int64_t k) {
     std::nth_element(idx.begin(), idx.begin() + k, idx.end(),
@@ -547,6 +553,13 @@ struct QAdapter {
 };
 
 inline float dot_r(const float* a, const float* b, int64_t r) {
+#ifdef __AVX512F__
+  if (r % 16 == 0) {  // the default ranks: whole vectors (a scalar sum is not reordered by the compiler)
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
   float s = 0.0f;
   for (int64_t k = 0; k < r; ++k) s += a[k] * b[k];
   return s;
@@ -618,14 +631,18 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   }
   std::vector<float> z(t_count * 2 * r);  // [T, 2r]: x A^T (A_g then A_u)
   const float* xa = xr.empty() ? x : xr.data();
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (r)
   for (int64_t k = 0; k < 2 * r; ++k) {  // z[t, k] = a_in[k] . x[t]: rows of H, the vector dot product
     float out[kMaxTokens];
     dot_tokens(ad.a_in + k * h, xa, h, h, t_count, out, nullptr);
     for (int64_t t = 0; t < t_count; ++t) z[t * 2 * r + k] = out[t];
   }
+  if (!r) {  // the base activations of the selected units, the rest 0
+    for (int64_t k = 0; k < t_count * f; ++k) act[k] = sel[k] ? act[k] : 0.0f;
+  }
   // The selected units' adapted activations (the rest: 0) and the down adapter's input sum a_i A_d[i]
   // per token [T, r], each thread over a fixed share of the units (ordered_sum).
-  const std::vector<float> zsum = ordered_sum(nthreads, t_count * r, [&](float* zpart) {
+  const std::vector<float> zsum = !r ? std::vector<float>() : ordered_sum(nthreads, t_count * r, [&](float* zpart) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < f; ++i) {
 #ifdef __AVX512F__
@@ -639,7 +656,6 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
           a = 0.0f;
           continue;
         }
-        if (!r) continue;  // the base activation
         const float* au = ad.a_units + i * 3 * r;  // B_g row, B_u row, A_d column of unit i
         const float* zt = z.data() + t * 2 * r;
         a = silu(gate[t * f + i] + dot_r(au, zt, r)) * (up[t * f + i] + dot_r(au + r, zt + r, r));
@@ -657,8 +673,9 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
     });
   }
   if (!r) return;
-  for (int64_t t = 0; t < t_count; ++t)  // the down adapter's output projection: a_out . zsum[t]
-    for (int64_t k = 0; k < h; ++k) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t k = 0; k < h; ++k)  // the down adapter's output projection: a_out . zsum[t]
+    for (int64_t t = 0; t < t_count; ++t) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
 }
 
 }  // namespace
