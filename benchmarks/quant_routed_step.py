@@ -45,7 +45,7 @@ def unit_sets(w, rounds: int) -> None:
     for name, mask in sets.items():
         bias = torch.where(mask, torch.tensor(60.0), torch.tensor(-60.0))  # scores far above / below 0
 
-        def run():
+        def run(bias=bias):
             for ffn in ffns:
                 quant_cpu.routed_ffn(x, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale, bias, 0.0,
                                      0, f)

@@ -99,6 +99,20 @@ def _segments(x: torch.Tensor, ws: list[QuantWeight], residual: torch.Tensor | N
     return y
 
 
+def half_adapter(adapter):
+    """A routing adapter as the quantised kernels read it: float16, contiguous (``reference.Adapter``)."""
+    from adaroute.kernels.reference import Adapter  # noqa: PLC0415
+
+    return Adapter(*(t.detach().to(torch.float16).contiguous() for t in adapter))
+
+
+def float_adapter(adapter):
+    """The same adapter in float32 (exactly: every float16 value is a float32 one), for references."""
+    from adaroute.kernels.reference import Adapter  # noqa: PLC0415
+
+    return Adapter(*(t.float() for t in adapter))
+
+
 def unit_stride(w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight) -> int | None:
     """Bytes from one unit's rows to the next when all three share one row stride (unit-packed or
     three contiguous tensors of one format), else None. Gate and up share a format; the down rows
@@ -132,8 +146,9 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
     down projection itself [H, F] in the g16 layout, applied densely to the activations with the
     unselected units' set to 0 (``round_activations`` of them, as every g16 product). ``usage`` [F]
     int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
-    (``reference.Adapter``, float32; exact router only): its low-rank terms for the selected units,
-    as ``reference.unit_ffn`` applies them, on the activations the g16 products saw."""
+    (``reference.Adapter``; exact router only; held in float16, a float32 one rounded to it): its
+    low-rank terms for the selected units, as ``reference.unit_ffn`` applies them, on the activations
+    the g16 products saw."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
                    residual, all_units=False, usage=usage, adapter=adapter)
 
@@ -151,7 +166,9 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
         raise ValueError("a g16 down projection [H, F] runs with g16 gate/up (the exact router's layout)")
     if adapter is not None and not exact:
         raise ValueError("routing adapters on quantised units run with the exact router only (empty shadow_q)")
-    adapter_ok = adapter is None or all(t.dtype == torch.float32 and t.is_contiguous() for t in adapter)
+    if adapter is not None:  # the kernels hold adapters in float16 (a float32 one is rounded to it)
+        adapter = half_adapter(adapter)
+    adapter_ok = adapter is None or all(t.is_contiguous() for t in adapter)
     if mask is not None or ldw is None or not _ok(x) or (residual is not None and not residual.is_contiguous()) \
             or not adapter_ok:
         ws = [w.dequantize() for w in (w_gate, w_up, w_down_t)]  # fallback: float copies, one layer at a time
@@ -162,7 +179,7 @@ def _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thresh
         if exact:
             mask = reference.select_units(qr.exact_scores(x, *ws[:2], unit_bias), threshold, min_units, max_units)
             reference.add_usage(usage, mask)
-            return reference.unit_ffn(x, *ws, mask, residual, adapter), mask.sum(-1)
+            return reference.unit_ffn(x, *ws, mask, residual, adapter and float_adapter(adapter)), mask.sum(-1)
         return reference.routed_ffn(x, *ws, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
                                     residual, usage=usage)
     t, h = x.shape

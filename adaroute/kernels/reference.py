@@ -223,6 +223,7 @@ def adapted_gate_up(x, w_gate, w_up, adapter: Adapter | None = None) -> tuple[to
     g, u = F.linear(x, w_gate), F.linear(x, w_up)  # [T, F]
     if adapter is None:
         return g, u
+    adapter = Adapter(*(t.to(x.dtype) for t in adapter))  # (quantised models hold it in float16)
     r = adapter.rank
     z = F.linear(x, adapter.w_in)  # [T, 2r]
     return g + z[:, :r] @ adapter.w_units[:, 0].t(), u + z[:, r:] @ adapter.w_units[:, 1].t()
@@ -233,6 +234,7 @@ def adapted_down(a, w_down_t, adapter: Adapter | None = None) -> torch.Tensor:
     y = F.linear(a, w_down_t.t())  # [T, H]
     if adapter is None:
         return y
+    adapter = Adapter(*(t.to(a.dtype) for t in adapter))
     return y + F.linear(a @ adapter.w_units[:, 2], adapter.w_out)  # [T, r] -> [T, H]
 
 

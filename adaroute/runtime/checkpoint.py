@@ -15,7 +15,7 @@ from, so there is one rule for which tensor gets which format). A routed FFN's u
 [F, 3, H] becomes three keys, ``w_units.gate`` and ``w_units.up`` [F, H] and ``w_units.down`` [H, F]
 (the down projection in GGUF's own orientation, as the runtime applies it); its router is
 the exact one (``routing.router.ExactRouter``: only ``router.unit_bias`` is kept, no int4 shadow);
-norms, biases and routing adapters stay float32.
+routing adapters are float16 (as ``quantise`` holds them); norms and biases stay float32.
 
 ``load_weights`` builds the runtime's ``ModelWeights`` from the file alone, for float32 and block
 directories alike: blocks are copied out of the file into the kernels' g16 layout (``pack16``, a
@@ -54,7 +54,7 @@ def block_state(model, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, lis
             names.update({t.data_ptr() + j * step: f"{k}.{part}" for j, part in enumerate(UNIT_PARTS)})
     floats = from_model(model, max_positions=1)
     blocks = quantise(floats, fmt)
-    tensors = {k: t for k, t in state.items()
+    tensors = {k: t.half() if ".mlp.adapter." in k else t for k, t in state.items()  # adapters as quantise holds them
                if not (k.endswith("mlp.w_units") or k.endswith("router.shadow_q") or k.endswith("router.shadow_scale"))}
     index = {}
     for f, q in _pairs(floats, blocks):
@@ -67,7 +67,7 @@ def block_state(model, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, lis
 
 def float_state(tensors: dict[str, torch.Tensor], index: dict[str, list]) -> dict[str, torch.Tensor]:
     """A block state back in float32 (dequantised; unit stores re-assembled), for loading a module."""
-    out = {k: t for k, t in tensors.items() if k not in index}
+    out = {k: t.float() if t.dtype == torch.float16 else t for k, t in tensors.items() if k not in index}
     for key, (fmt, rows, cols) in index.items():
         base, _, part = key.rpartition(".")
         if part not in UNIT_PARTS or not base.endswith("w_units"):
@@ -122,6 +122,8 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
 
         def get(key: str):
             t = _read(f, header, key)
+            if ".mlp.adapter." in key and index:  # float16 beside blocks, as the quantised kernels read it
+                return t
             if key not in index:
                 return t.float() if t.dtype != torch.uint8 else t
             return pack16(QuantWeight(t, index[key][0], index[key][2]))

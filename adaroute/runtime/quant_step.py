@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 
+import torch
+
 from adaroute.kernels import cpu
 from adaroute.kernels.quant_cpu import fmt_code, unit_stride
 from adaroute.kernels.quant_reference import BLOCK, is_quant
@@ -28,6 +30,10 @@ class ArQLayer(ctypes.Structure):
                [(n, _I64) for n in ("ldw", "group_size", "kind", "min_units", "max_units", "sparse_max_tokens")] + \
                [("threshold", ctypes.c_float)] + [(n, _I64) for n in ("band_lo", "band_hi", "fault")] + \
                [(n, _P) for n in ("a_in", "a_units", "a_out")] + [("adapter_rank", _I64)]
+
+
+def _half(*ts) -> bool:
+    return all(t.dtype == torch.float16 and t.is_contiguous() and not t.is_cuda for t in ts)
 
 
 def is_quantised(w: ModelWeights) -> bool:
@@ -83,7 +89,7 @@ class QuantDecoder(FusedDecoder):
             if not all(map(is_quant, _matrices(ly))) or ly.ffn.w_gate.layout != ly.ffn.w_up.layout:
                 return None  # mixed layers: the engine's Python path
             f = ly.ffn
-            if isinstance(f, RoutedFFN) and (f.adapter is not None and (f.shadow_q.numel() or not _plain(*f.adapter))
+            if isinstance(f, RoutedFFN) and (f.adapter is not None and (f.shadow_q.numel() or not _half(*f.adapter))
                                              or unit_stride(f.w_gate, f.w_up, f.w_down_t) is None
                                              or not _plain(f.unit_bias, f.shadow_scale) or
                                              not f.shadow_q.is_contiguous()):

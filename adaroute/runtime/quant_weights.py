@@ -147,6 +147,7 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
     store). By bytes the shadow wins at q8_0 and low density (docs/quantised.md), but its gather runs
     the row layout's compute-bound kernels: measured, the exact router decodes 1.3-1.6x faster at
     q8_0 and q4_1, densities 0.5 and 0.35 (docs/perf.md, item 21)."""
+    from adaroute.kernels.quant_cpu import half_adapter
     from adaroute.kernels.quant_reference import quantize
 
     done: dict[int, QuantWeight] = {}  # by data_ptr: the tied head stays the embedding
@@ -174,7 +175,8 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
             # [H, F] blocked along F as GGUF stores ffn_down, applied densely to the masked activations
             # (gathering 340-612-byte rows with gaps was no faster than reading them all: docs/perf.md 22)
             gate, up, down = (pack16(quantize(m.contiguous(), fmt)) for m in (f.w_gate, f.w_up, f.w_down_t.t()))
-            return dataclasses.replace(f, w_gate=gate, w_up=up, w_down_t=down,
+            adapter = None if f.adapter is None else half_adapter(f.adapter)  # float16: half the bytes
+            return dataclasses.replace(f, w_gate=gate, w_up=up, w_down_t=down, adapter=adapter,
                                        shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
         fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
         parts = [quantize(m.contiguous(), to) for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]

@@ -156,7 +156,7 @@ def test_exact_router_applies_routing_adapters(layout, tokens):
     if layout == "g16":
         units[:2] = [qr.pack16(u) for u in units[:2]]
     floats = [u.dequantize() for u in units]
-    a = adapter(seed=tokens, rank=4)
+    a = quant_cpu.float_adapter(quant_cpu.half_adapter(adapter(seed=tokens, rank=4)))  # the kernels' float16
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(8))
     xr = qr.round_activations(x) if layout == "g16" else x
     scores = qr.exact_scores(xr, *floats[:2], t["unit_bias"])
@@ -187,7 +187,7 @@ def test_exact_router_with_the_whole_down_projection_matches_reference(fmt, rank
     t = routed_tensors(tokens + 40)
     gate, up = (qr.pack16(qr.quantize(t[k], fmt)) for k in ("w_gate", "w_up"))
     down = qr.pack16(qr.quantize(t["w_down_t"].t().contiguous(), fmt))  # [H, F]
-    a = adapter(seed=tokens, rank=rank) if rank else None
+    a = quant_cpu.float_adapter(quant_cpu.half_adapter(adapter(seed=tokens, rank=rank))) if rank else None
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(9))
     xr = qr.round_activations(x)
     scores = qr.exact_scores(xr, gate.dequantize(), up.dequantize(), t["unit_bias"])

@@ -546,23 +546,43 @@ void gather_down(const std::vector<uint8_t>& sel, int64_t t_count, int64_t f, in
 // prefetcher pulls the skipped rows in; measured: a random half or a quarter of the units' rows
 // took as long as all of them, a contiguous half half as long; docs/perf.md, item 22).
 // The routing adapter of a routed FFN (rank 0: none), as reference.Adapter: a_in [2r, H], a_units
-// [F, 3, r] (B_g row, B_u row, A_d column of unit i), a_out [H, r]. Applied to the selected units only.
+// [F, 3, r] (B_g row, B_u row, A_d column of unit i), a_out [H, r], all float16 (the runtime holds a
+// quantised model's adapters at half the bytes: at float32 they were ~10 % of a q4 model's bytes per
+// token, read for every token). Applied to the selected units only.
 struct QAdapter {
   int64_t rank = 0;
-  const float *a_in = nullptr, *a_units = nullptr, *a_out = nullptr;
+  const uint16_t *a_in = nullptr, *a_units = nullptr, *a_out = nullptr;
 };
 
-inline float dot_r(const float* a, const float* b, int64_t r) {
+// sum_k half(a[k]) * b[k] over n values (whole vectors when n is a multiple of 16: the default ranks
+// and every hidden size here; a scalar float sum is not reordered by the compiler).
+inline float dot_half(const uint16_t* a, const float* b, int64_t n) {
 #ifdef __AVX512F__
-  if (r % 16 == 0) {  // the default ranks: whole vectors (a scalar sum is not reordered by the compiler)
+  if (n % 16 == 0) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < r; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+    for (int64_t k = 0; k < n; k += 16)
+      acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k))),
+                            _mm512_loadu_ps(b + k), acc);
     return _mm512_reduce_add_ps(acc);
   }
 #endif
   float s = 0.0f;
-  for (int64_t k = 0; k < r; ++k) s += a[k] * b[k];
+  for (int64_t k = 0; k < n; ++k) s += half_to_float(reinterpret_cast<const uint8_t*>(a + k)) * b[k];
   return s;
+}
+
+// y[k] += c * half(a[k]) for k < n.
+inline void axpy_half(float c, const uint16_t* a, float* y, int64_t n) {
+#ifdef __AVX512F__
+  if (n % 16 == 0) {
+    const __m512 cv = _mm512_set1_ps(c);
+    for (int64_t k = 0; k < n; k += 16)
+      _mm512_storeu_ps(y + k, _mm512_fmadd_ps(cv, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                     reinterpret_cast<const __m256i*>(a + k))), _mm512_loadu_ps(y + k)));
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) y[k] += c * half_to_float(reinterpret_cast<const uint8_t*>(a + k));
 }
 
 void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
@@ -632,11 +652,8 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   std::vector<float> z(t_count * 2 * r);  // [T, 2r]: x A^T (A_g then A_u)
   const float* xa = xr.empty() ? x : xr.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (r)
-  for (int64_t k = 0; k < 2 * r; ++k) {  // z[t, k] = a_in[k] . x[t]: rows of H, the vector dot product
-    float out[kMaxTokens];
-    dot_tokens(ad.a_in + k * h, xa, h, h, t_count, out, nullptr);
-    for (int64_t t = 0; t < t_count; ++t) z[t * 2 * r + k] = out[t];
-  }
+  for (int64_t k = 0; k < 2 * r; ++k)  // z[t, k] = a_in[k] . x[t]
+    for (int64_t t = 0; t < t_count; ++t) z[t * 2 * r + k] = dot_half(ad.a_in + k * h, xa + t * h, h);
   if (!r) {  // the base activations of the selected units, the rest 0
     for (int64_t k = 0; k < t_count * f; ++k) act[k] = sel[k] ? act[k] : 0.0f;
   }
@@ -647,7 +664,7 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
     for (int64_t i = 0; i < f; ++i) {
 #ifdef __AVX512F__
       if (r && i + 16 < f)  // the adapter rows of units a few places on: scattered reads the prefetcher misses
-        for (int64_t b = 0; b < 3 * r * 4; b += 64)
+        for (int64_t b = 0; b < 3 * r * 2; b += 64)
           _mm_prefetch(reinterpret_cast<const char*>(ad.a_units + (i + 16) * 3 * r) + b, _MM_HINT_T0);
 #endif
       for (int64_t t = 0; t < t_count; ++t) {
@@ -656,10 +673,10 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
           a = 0.0f;
           continue;
         }
-        const float* au = ad.a_units + i * 3 * r;  // B_g row, B_u row, A_d column of unit i
+        const uint16_t* au = ad.a_units + i * 3 * r;  // B_g row, B_u row, A_d column of unit i
         const float* zt = z.data() + t * 2 * r;
-        a = silu(gate[t * f + i] + dot_r(au, zt, r)) * (up[t * f + i] + dot_r(au + r, zt + r, r));
-        for (int64_t k = 0; k < r; ++k) zpart[t * r + k] += a * au[2 * r + k];
+        a = silu(gate[t * f + i] + dot_half(au, zt, r)) * (up[t * f + i] + dot_half(au + r, zt + r, r));
+        axpy_half(a, au + 2 * r, zpart + t * r, r);
       }
     }
   });
@@ -675,7 +692,7 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   if (!r) return;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t k = 0; k < h; ++k)  // the down adapter's output projection: a_out . zsum[t]
-    for (int64_t t = 0; t < t_count; ++t) y[t * h + k] += dot_r(ad.a_out + k * r, zsum.data() + t * r, r);
+    for (int64_t t = 0; t < t_count; ++t) y[t * h + k] += dot_half(ad.a_out + k * r, zsum.data() + t * r, r);
 }
 
 }  // namespace
@@ -693,12 +710,13 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
 // (qrouted_exact); all_units != 0 computes every unit (the dense pass in this layout). fmt with kG16
 // added: gate and up are separate matrices in the g16 layout (exact router only), ldw the down rows' stride.
 // counts [T]: units per token; usage [F] (null: not counted) gets each token's selection added.
-// adapter_rank > 0: the routing adapter (QAdapter) corrects the selected units; exact router only.
+// adapter_rank > 0: the routing adapter (QAdapter, float16) corrects the selected units; exact router only.
 void ar_qrouted_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* wg, const uint8_t* wu,
                     const uint8_t* wd_t, int64_t ldw, int64_t fmt, int64_t fmt_d, const uint8_t* shadow_q,
                     const float* shadow_scale, int64_t group_size, const float* unit_bias, float threshold, int64_t min_units,
                     int64_t max_units, int all_units, float* y, int64_t* counts, int accumulate, int nthreads,
-                    int64_t* usage, int64_t adapter_rank, const float* a_in, const float* a_units, const float* a_out) {
+                    int64_t* usage, int64_t adapter_rank, const uint16_t* a_in, const uint16_t* a_units,
+                    const uint16_t* a_out) {
   std::vector<uint8_t> sel(t_count * f, 1);  // [T, F]
   if ((!all_units && shadow_q == nullptr) || (fmt & kG16)) {  // exact router: all gate/up, the chosen down rows
     QAdapter ad;
@@ -748,7 +766,7 @@ struct ArQLayer {
   int64_t ldw, group_size, kind, min_units, max_units, sparse_max_tokens;
   float threshold;
   int64_t band_lo, band_hi, fault;
-  const float *a_in, *a_units, *a_out;  // routing adapter (exact router, sparse path only)
+  const uint16_t *a_in, *a_units, *a_out;  // routing adapter, float16 (exact router, sparse path only)
   int64_t adapter_rank;                 // 0: no adapter
 };
 
