@@ -651,7 +651,8 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   }
   std::vector<float> z(t_count * 2 * r);  // [T, 2r]: x A^T (A_g then A_u)
   const float* xa = xr.empty() ? x : xr.data();
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (r)
+  // The adapter's two projections are small (2r x H and H x r): one thread each, vectorised; a
+  // parallel region apiece cost more in fork and join than it saved (docs/perf.md, item 22).
   for (int64_t k = 0; k < 2 * r; ++k)  // z[t, k] = a_in[k] . x[t]
     for (int64_t t = 0; t < t_count; ++t) z[t * 2 * r + k] = dot_half(ad.a_in + k * h, xa + t * h, h);
   if (!r) {  // the base activations of the selected units, the rest 0
@@ -690,7 +691,6 @@ void qrouted_exact(const float* x, int64_t t_count, int64_t h, int64_t f, const 
     });
   }
   if (!r) return;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t k = 0; k < h; ++k)  // the down adapter's output projection: a_out . zsum[t]
     for (int64_t t = 0; t < t_count; ++t) y[t * h + k] += dot_half(ad.a_out + k * r, zsum.data() + t * r, r);
 }
