@@ -8,8 +8,8 @@ Names users may give (``--weights`` of convert, eval and bench): ``f32``; ``q8``
 ``q4_1``; ``q4_0``. The canonical names (``FORMATS``) are GGUF's block formats. A routed model directory
 records the format it was converted for in config.json (``"adaroute": {"weights": "q4_1"}``) and, from
 format version 3, stores the blocks themselves (``adaroute.runtime.checkpoint``: ggml's rounding, made
-once at conversion; routed layers take the exact router, routing adapters stay float32 and apply to
-the selected units); such a model runs only at its format. A version-2 directory recording q8/q4
+once at conversion; routed layers take the exact router, routing adapters are held in float16 and
+apply to the selected units); such a model runs only at its format. A version-2 directory recording q8/q4
 holds float32 weights, quantised when loaded to run. A directory without the field runs at f32.
 
 Nothing here imports torch at module level (``runtime_weights`` imports the runtime when called).
