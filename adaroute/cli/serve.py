@@ -104,10 +104,11 @@ def _load(spec: str, config: ServeConfig):
     from adaroute.serve.model import ServedModel  # noqa: PLC0415
 
     source = resolve(spec)
-    model, tokenizer = load_model(spec)
     name = Path(source.gguf_file).stem if source.gguf_file and spec.endswith(".gguf") else Path(spec).name
-    routed_dir = source.directory if is_routed(source) else None
-    return ServedModel(model, tokenizer, name, config.context, routed_dir, aliases=(spec,))
+    if is_routed(source):  # from its files: the weights once, at the format it stores
+        return ServedModel.from_directory(source.directory, name, config.context, aliases=(spec,))
+    model, tokenizer = load_model(spec)
+    return ServedModel(model, tokenizer, name, config.context, None, aliases=(spec,))
 
 
 def _serve(served, config: ServeConfig, admin_key: str | None = None, args=None) -> int:

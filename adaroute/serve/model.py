@@ -31,17 +31,39 @@ class ModelIdentity:
 
 
 class ServedModel:
-    def __init__(self, model: nn.Module, tokenizer, name: str, context: int | None = None, source: Path | None = None,
-                 aliases: tuple[str, ...] = ()):
+    def __init__(self, model: nn.Module | None, tokenizer, name: str, context: int | None = None,
+                 source: Path | None = None, aliases: tuple[str, ...] = (), weights=None,
+                 stop_tokens: frozenset[int] = frozenset()):
+        """``model``: a loaded model, whose weights the engines run (in its stored format); or None with
+        ``weights`` (``ModelWeights``) and the model's own end-of-sequence ids in ``stop_tokens``."""
         self.model, self.tokenizer, self.name, self.aliases = model, tokenizer, name, aliases
-        weights = runtime_weights(model, None)  # a directory of blocks serves its blocks
+        if weights is None:
+            weights = runtime_weights(model, None)  # a directory of blocks serves its blocks
         self.context = min(context or weights.max_positions, weights.max_positions)
         self.engines = {"dense": Engine(weights, policy=ExecutionPolicy.always_dense())}
         if weights.routed:
             self.engines["routed"] = Engine(weights)
             self.engines["routed"].start_unit_usage()  # for the metrics' per-layer unit-use imbalance
-        self.stop_tokens = stop_tokens_for(tokenizer, model)
+        self.stop_tokens = stop_tokens_for(tokenizer, model) | set(stop_tokens)
         self.identity = _identity(model, name, source, weights.routed)
+
+    @classmethod
+    def from_directory(cls, directory: Path, name: str, context: int | None = None,
+                       aliases: tuple[str, ...] = ()) -> ServedModel:
+        """A routed directory served from its files alone (``runtime.checkpoint.load_weights``): no
+        transformers model is built, so a q4 directory holds about its blocks' size in memory (loaded
+        as a model it would hold its weights dequantised to float32 as well)."""
+        from adaroute.models.loading import offline
+        from adaroute.routing.storage import check_tokenizer, load_tokenizer, read_meta
+        from adaroute.runtime.checkpoint import load_weights
+
+        meta = read_meta(directory)
+        check_tokenizer(directory)
+        with offline():
+            tokenizer = load_tokenizer(directory)
+        eos = meta["base_config"].get("eos_token_id")  # what the model's generation config would hold
+        stops = frozenset([eos] if isinstance(eos, int) else eos or [])
+        return cls(None, tokenizer, name, context, directory, aliases, load_weights(directory), stops)
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -54,8 +76,8 @@ class ServedModel:
         return list(self.tokenizer(prompt).input_ids)
 
 
-def _identity(model: nn.Module, name: str, source: Path | None, routed: bool) -> ModelIdentity:
-    meta = getattr(model.config, "adaroute", None) or {}
+def _identity(model: nn.Module | None, name: str, source: Path | None, routed: bool) -> ModelIdentity:
+    meta = getattr(getattr(model, "config", None), "adaroute", None) or {}
     if routed and source is not None and source.is_dir():
         meta = json.loads((source / "config.json").read_text()).get("adaroute", meta)
         return ModelIdentity(name, str(meta.get("base_model", name)), _hash_dir(source), meta.get("format_version"))

@@ -141,3 +141,14 @@ def test_generate_runs_a_block_directory_from_its_files_as_the_loaded_model_woul
     printed = capsys.readouterr().out.rstrip("\n")
     loaded, tokenizer = load_routed(tmp_path)
     assert printed == generate(loaded, tokenizer, "lists and tuples", max_new_tokens=12)
+
+
+def test_a_block_directory_is_served_from_its_files(adapted, tmp_path):
+    from adaroute.serve.model import ServedModel
+
+    save_routed(adapted, make_tiny_tokenizer(), tmp_path, "tiny", RoutingConfig(), weights="q8_0")
+    served = ServedModel.from_directory(tmp_path, "tiny")
+    assert served.model is None and served.arms == ("dense", "routed")
+    assert all(isinstance(ly.ffn.w_gate, QuantWeight) for ly in served.engines["routed"].w.layers)
+    assert served.identity.format_version == FORMAT_VERSION and served.identity.routed_hash
+    assert adapted.config.eos_token_id in served.stop_tokens
