@@ -1,7 +1,7 @@
 """dense model -> routed model directory, in one call.
 
     result = adaroute.convert("smollm2-135m", ["builtin:calib"], density=0.5, output="out/routed")
-    result = adaroute.convert(..., preset="quick", weights="q4")    # recorded: runs at q4_1 once loaded
+    result = adaroute.convert(..., preset="quick", weights="q4")    # the directory stores q4_1 blocks
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def convert(
     routing / train: full configs; when omitted, ``RoutingConfig(density=density)`` and the named preset.
     output:     directory to write (model.safetensors, config.json, tokenizer, calibration.json).
     weights:    the format the routed model runs at (``adaroute.runtime.formats``: f32, q8, q4, q4_0),
-                recorded in config.json; the stored weights are float32 at every format.
+                recorded in config.json; at q8/q4 the directory stores that format's blocks
+                (``adaroute.runtime.checkpoint``) and runs only at it.
     """
     from adaroute.data import load_texts
     from adaroute.models import load_model

@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--adapt-rank", type=positive_int, default=None,
                    help="rank of the routing adapters (default: the preset's, 16 in default)")
     p.add_argument("--weights", default="f32", metavar="FORMAT",
-                   help="weight format the routed model runs at, recorded in its config.json: f32 (default), "
-                        "q8 (q8_0) or q4 (q4_1), also q4_0")
+                   help="weight format the routed model is stored in and runs at: f32 (default, runs at any "
+                        "format), q8 (q8_0) or q4 (q4_1), also q4_0 (the directory holds the blocks)")
     p.set_defaults(run=run)
 
 
@@ -97,7 +97,7 @@ def _adapt_overrides(args, preset) -> dict:
 def _format_line(fmt: str) -> str:
     if fmt == "f32":
         return "f32"
-    return f"{fmt} (recorded in config.json; stored as float32, quantised when the model is loaded to run)"
+    return f"{fmt} (the directory stores {fmt} blocks and runs at that format)"
 
 
 def _budget_line(train, density: float) -> str:
