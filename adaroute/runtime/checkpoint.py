@@ -92,13 +92,13 @@ def _pairs(floats: ModelWeights, blocks: ModelWeights):
             yield f, q
 
 
-def read_index(file: Path) -> dict[str, list]:
-    """The ``blocks`` entry of a model.safetensors header ({} for a float32 file)."""
-    from safetensors import safe_open
+def read_index(file: Path, header: dict | None = None) -> dict[str, list]:
+    """The ``blocks`` entry of a model.safetensors header ({} for a float32 file); ``header``: the
+    one ``validation.check_safetensors`` returned for it, when the caller has it."""
+    from adaroute.routing.validation import check_safetensors
 
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get(BLOCKS_KEY, "{}"))
+    header = check_safetensors(Path(file)) if header is None else header
+    return json.loads((header.get("__metadata__") or {}).get(BLOCKS_KEY, "{}"))
 
 
 def load_weights(directory: str | Path, max_positions: int | None = None, policies: list | None = None) -> ModelWeights:
@@ -111,7 +111,7 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     path = Path(directory)
     meta = read_meta(path)
     header = check_safetensors(path / WEIGHTS)
-    index = json.loads(header.get("__metadata__", {}).get(BLOCKS_KEY, "{}"))
+    index = read_index(path / WEIGHTS, header)
     base = meta["base_config"]
     entries = {e["layer"]: e for e in meta["layers"]}
     if policies is None:
