@@ -127,8 +127,9 @@ def _unpermute(rows: int, heads: int) -> np.ndarray:
 
 def weight_format(w: ModelWeights) -> str:
     """The format of the attention matrices and FFN gate/up ("f32", "q4_1", ...; "mixed" when they
-    differ). The embedding, head and routed down rows are left out: GGUF files often keep the head at
-    higher precision, and a 4-bit routed model keeps its down rows at 8 bits (``quantise``)."""
+    differ). The embedding, head and routed down projections are left out: GGUF files often keep the
+    head at higher precision, and the shadow router keeps its down rows at 8 bits under 4-bit gate/up
+    (``quantise``)."""
     fmts = {getattr(m, "fmt", "f32") for ly in w.layers
             for m in (ly.wq, ly.wk, ly.wv, ly.wo, ly.ffn.w_gate, ly.ffn.w_up)}
     return fmts.pop() if len(fmts) == 1 else "mixed"
