@@ -36,7 +36,22 @@ class LayerPolicy:
         return cls(math.inf, k, k)
 
 
-class UnitPolicy:
+class HoldsPolicy:
+    """A layer's current selection rule as three attributes (what the runtime reads at call time)."""
+
+    threshold: float
+    min_units: int
+    max_units: int
+
+    @property
+    def policy(self) -> LayerPolicy:
+        return LayerPolicy(self.threshold, self.min_units, self.max_units)
+
+    def set_policy(self, policy: LayerPolicy) -> None:
+        self.threshold, self.min_units, self.max_units = float(policy.threshold), policy.min_units, policy.max_units
+
+
+class UnitPolicy(HoldsPolicy):
     """A routed layer's selection state without its weights: policy, calibration profile, size.
 
     What the runtime reads of a ``RoutedMLP`` (``threshold``, ``min_units``, ``max_units``,
@@ -46,13 +61,6 @@ class UnitPolicy:
     def __init__(self, layer_idx: int, units: int, policy: LayerPolicy, profile=None):
         self.layer_idx, self.units, self.profile = layer_idx, units, profile
         self.set_policy(policy)
-
-    @property
-    def policy(self) -> LayerPolicy:
-        return LayerPolicy(self.threshold, self.min_units, self.max_units)
-
-    def set_policy(self, policy: LayerPolicy) -> None:
-        self.threshold, self.min_units, self.max_units = float(policy.threshold), policy.min_units, policy.max_units
 
 
 def guard_units(units: int, min_density: float, max_density: float) -> tuple[int, int]:

@@ -23,11 +23,11 @@ from torch import nn
 
 from adaroute.kernels.reference import adapted_down, adapted_gate_up, pack_units
 from adaroute.routing.adapter import RoutingAdapter
-from adaroute.routing.policy import LayerPolicy, select_units
+from adaroute.routing.policy import HoldsPolicy, select_units
 from adaroute.routing.router import ShadowRouter
 
 
-class RoutedMLP(nn.Module):
+class RoutedMLP(nn.Module, HoldsPolicy):
     def __init__(
         self,
         w_gate: torch.Tensor,
@@ -85,14 +85,7 @@ class RoutedMLP(nn.Module):
     def w_down_t(self) -> torch.Tensor:
         return self.w_units[:, 2]
 
-    # -- policy ---------------------------------------------------------------------------------
-    @property
-    def policy(self) -> LayerPolicy:
-        return LayerPolicy(self.threshold, self.min_units, self.max_units)
-
-    def set_policy(self, policy: LayerPolicy) -> None:
-        self.threshold, self.min_units, self.max_units = float(policy.threshold), policy.min_units, policy.max_units
-
+    # -- policy (``policy`` and ``set_policy`` from HoldsPolicy) -----------------------------------
     @property
     def is_dense(self) -> bool:
         return self.threshold == -math.inf and self.max_units >= self.units

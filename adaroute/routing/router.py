@@ -102,10 +102,10 @@ class ExactRouter(nn.Module):
         score[t, i] = log(|silu(gate_i(x_t)) * up_i(x_t)| + 1e-20) + unit_bias[i]
 
     At 4 bits an int4 shadow is as large as gate and up themselves, so the quantised runtime computes
-    gate and up of every unit exactly and reads only the selected units' down rows
-    (``quant_reference.exact_scores`` is the definition; the kernels round activations as the g16
-    layout does). A routed directory stored as blocks keeps only ``unit_bias`` (trained with the
-    shadow it replaces); this module scores the loaded model's float32 gate and up the same way.
+    gate and up of every unit exactly and scores those (``quant_reference.exact_scores`` is the
+    definition; the kernels round activations as the g16 layout does). A routed directory stored as
+    blocks keeps only ``unit_bias`` (trained with the shadow it replaces); this module scores the
+    loaded model's float32 gate and up the same way.
 
     Parameter (name as in the checkpoint): unit_bias  float32 [F].
     """
