@@ -62,7 +62,8 @@ def curve_point(model: nn.Module, tokenizer, mods, text: str, density: float, wi
         try:
             per_layer = apply_density(mods, density)
             with oracle_routers(mods, inputs, per_layer):
-                oracle = compare_with_dense(model, tokenizer, text, window, max_tokens, desc=f"oracle {density}")
+                oracle = compare_with_dense(model, tokenizer, text, window, max_tokens, desc=f"oracle {density}",
+                                                cost=False)
         finally:
             for m, p in zip(mods, saved, strict=True):
                 m.set_policy(p)

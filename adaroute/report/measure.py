@@ -78,13 +78,15 @@ def _dense_row(oracle: bool) -> dict:
     # Density 1.0 runs the dense FFN, bit-identical to the base model (tested), so it is not re-measured.
     exact = {"perplexity_ratio": 1.0, "top1_agreement": 1.0, "mean_density": 1.0, "ffn_bytes_share": 1.0,
              "ffn_flops_share": 1.0, "tokens": 0}
-    return {"density": 1.0, "learned": exact, "oracle": exact if oracle else None}
+    cost = ("ffn_bytes_share", "ffn_flops_share")
+    return {"density": 1.0, "learned": exact, "oracle": {k: v for k, v in exact.items() if k not in cost} if oracle else None}
 
 
 def _curve_row(point: dict) -> dict:
     keys = ("perplexity_ratio", "top1_agreement", "mean_density", "ffn_bytes_share", "ffn_flops_share", "tokens")
     row = {"density": point["density"], "learned": {k: point["learned"][k] for k in keys}}
-    row["oracle"] = None if point["oracle"] is None else {k: point["oracle"][k] for k in keys}
+    # the hindsight oracle is a quality ceiling, not a router the runtime runs: no cost of its own
+    row["oracle"] = None if point["oracle"] is None else {k: point["oracle"][k] for k in keys if k in point["oracle"]}
     return row
 
 
@@ -104,16 +106,17 @@ def speed(model: nn.Module, tokenizer, budget: Budget) -> list[dict]:
 
 
 def capacity(model: nn.Module) -> dict[str, object]:
-    """Weight bytes per decoded token as the runtime reads them: the fixed part (attention, head,
-    router), the dense total, and each routed layer's bytes per selected unit."""
+    """Weight bytes per decoded token as the runtime reads them (``adaroute.runtime.cost``): the fixed
+    part (attention, head, router and what a sparse layer reads whatever it selects), the dense total,
+    and each routed layer's bytes per selected unit."""
+    from adaroute.runtime.cost import unit_bytes, weight_bytes
     from adaroute.runtime.formats import runtime_weights
 
     w = runtime_weights(model, None, max_positions=1)
-    fixed = w.weight_bytes(0.0)  # routed FFNs at density 0: everything but the selected rows
-    mods = routed_modules(model)
-    return {"fixed": fixed["attention"] + fixed["head"] + fixed["router"],
-            "dense": sum(w.weight_bytes(None).values()),
-            "unit_bytes": {m.layer_idx: 3 * m.hidden * m.w_gate.element_size() for m in mods}}
+    fixed = weight_bytes(w, 0.0)  # routed FFNs at density 0: everything but the selected units
+    return {"fixed": fixed["attention"] + fixed["head"] + fixed["router"] + fixed["ffn"] + fixed["adapter"],
+            "dense": sum(weight_bytes(w).values()),
+            "unit_bytes": {m.layer_idx: unit_bytes(w.layers[m.layer_idx].ffn) for m in routed_modules(model)}}
 
 
 def calibration(directory: str | Path) -> dict:

@@ -46,10 +46,5 @@ class RoutingAdapter(nn.Module):
     def tensors(self) -> Adapter:
         return Adapter(self.w_in, self.w_units, self.w_out)
 
-    def weight_bytes(self, density: float) -> float:
-        """Bytes read per token at ``density``: both projections, plus the selected units' rows."""
-        fixed = (self.w_in.numel() + self.w_out.numel()) * self.w_in.element_size()
-        return fixed + density * self.w_units.numel() * self.w_units.element_size()
-
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, units={self.units}, rank={self.rank}"

@@ -3,14 +3,8 @@
 The dense reference is the same model with every routed layer set to the dense policy, which is
 bit-identical to the original FFNs, so a routed directory needs no second copy of the base model.
 
-Cost accounting (per token, FFN only, as a share of the dense FFN):
-    bytes  = sum_l [d_l * 3 F H * w + router_bytes_l] / sum_l 3 F H * w     (w = weight element size)
-    flops  = sum_l [d_l * 6 F H + 4 F H] / sum_l 6 F H                       (router: the 2F x H shadow)
-plus, for a layer with a routing adapter of rank r, 3 r H + d_l 3 F r elements
-(``RoutingAdapter.weight_bytes``) in bytes and twice that in FLOPs. A layer at the dense policy runs
-no router and no adapter. Decode on CPUs and GPUs is bound by bytes read, which is why the router
-is an int4 shadow: it reads ~10 % of the FFN's bytes but does 2/3 of its multiply-adds, so prefill
-(compute-bound) should run dense.
+Cost (bytes and FLOPs per token as shares of the dense FFN, router and adapter included) is counted
+by ``adaroute.runtime.cost`` on the weights as the runtime holds them, in the model's own format.
 """
 
 from __future__ import annotations
@@ -45,28 +39,17 @@ def dense_policies(mods: list[RoutedMLP]) -> Iterator[None]:
             m.set_policy(p)
 
 
-def cost_shares(mods: list[RoutedMLP], layer_density: dict[int, float]) -> dict[str, float]:
-    """Bytes and FLOPs per token as shares of the dense FFN, router included (see module doc)."""
-    dense_bytes = dense_flops = bytes_ = flops = router_bytes = adapter_bytes = 0.0
-    for m in mods:
-        w = m.w_gate.element_size()
-        d = layer_density.get(m.layer_idx, 1.0)
-        dense_bytes += 3 * m.units * m.hidden * w
-        dense_flops += 6 * m.units * m.hidden
-        bytes_ += d * 3 * m.units * m.hidden * w
-        flops += d * 6 * m.units * m.hidden
-        if not m.is_dense:
-            router_bytes += m.router.weight_bytes()
-            flops += 4 * m.units * m.hidden
-            if m.adapter is not None:
-                adapter_bytes += m.adapter.weight_bytes(d)
-                flops += 2 * m.adapter.weight_bytes(d) / m.adapter.w_in.element_size()
-    return {
-        "ffn_bytes_share": (bytes_ + router_bytes + adapter_bytes) / dense_bytes,
-        "router_bytes_share": router_bytes / dense_bytes,
-        "adapter_bytes_share": adapter_bytes / dense_bytes,
-        "ffn_flops_share": flops / dense_flops,
-    }
+def cost_shares(routed_model: nn.Module, mods: list[RoutedMLP], layer_density: dict[int, float],
+                weights=None) -> dict[str, float]:
+    """FFN bytes and FLOPs per token as shares of the dense FFN (``adaroute.runtime.cost.ffn_shares``)
+    of ``weights`` (``ModelWeights``; default: the model's own, in the format it is stored in), each
+    routed layer at its density, layers at the dense policy dense."""
+    from adaroute.runtime.cost import ffn_shares
+    from adaroute.runtime.formats import runtime_weights
+
+    weights = weights if weights is not None else runtime_weights(routed_model, None, max_positions=1)
+    return ffn_shares(weights, {m.layer_idx: layer_density[m.layer_idx] for m in mods},
+                      {m.layer_idx for m in mods if m.is_dense})
 
 
 def compare_with_dense(
@@ -78,12 +61,14 @@ def compare_with_dense(
     density: float | None = None,
     desc: str = "",
     collector: Collector | None = None,
+    cost: bool = True,
 ) -> dict[str, Any]:
     """Routed vs dense on the same non-overlapping windows of ``text``.
 
     ``density`` overrides the converted density (re-allocated over layers from the stored
     sensitivities) for quick sweeps; the model's policies are restored afterwards.
     ``collector``, when given, also receives every routed forward (e.g. to keep the selection masks).
+    ``cost`` False leaves out the cost shares (for routers the runtime cannot run: the hindsight oracle).
     Returns perplexities and their ratio, top-1 next-token agreement, KL(dense || routed) per token,
     per-layer and mean density, cost shares, the units-per-token distribution and, per window, the
     summed NLLs, agreements, scored tokens and density (for intervals over windows).
@@ -97,7 +82,10 @@ def compare_with_dense(
         if density is not None:
             apply_density(mods, density)
         sums, stats = _score_windows(routed_model, mods, wins, desc, collector)
-        return _result(sums, stats, mods, len(wins), density)  # while the evaluated policies are set
+        result = _result(sums, stats, mods, len(wins), density)
+        if cost:  # of the evaluated policies
+            result |= cost_shares(routed_model, mods, _by_layer(mods, result))
+        return result
     finally:
         for m, p in zip(mods, saved, strict=True):
             m.set_policy(p)
@@ -153,7 +141,7 @@ def compare_with_dense_runtime(
     sparse, as the routed model computes it (the runtime's per-token dense fail-safe is off, so the
     numbers are the router's own selections). The policies are those the weights' routed modules hold
     (set a density with ``apply_density`` before building the weights; ``density`` is only recorded).
-    Byte shares are of the weights as held (block bytes at q8/q4); FLOP shares as in ``cost_shares``.
+    Byte and FLOP shares are of the weights as held (block bytes at q8/q4), as ``cost_shares``.
     """
     from adaroute.eval.perplexity import tokenize, windows
     from adaroute.runtime import Engine, ExecutionPolicy
@@ -189,27 +177,11 @@ def compare_with_dense_runtime(
         if tokens[i]:
             stats.layers[i] = LayerCounts(units, tokens[i], hist[i], usage[i, :units].clone())
     result = _result(sums, stats, mods, len(wins), density)
-    result.update(runtime_byte_shares(weights, dict(zip((m.layer_idx for m in mods), result["layer_density"],
-                                                        strict=True)), {m.layer_idx for m in mods if m.is_dense}))
-    return result
+    return result | cost_shares(routed_model, mods, _by_layer(mods, result), weights)
 
 
-def runtime_byte_shares(weights, layer_density: dict[int, float], dense_layers: set[int]) -> dict[str, float]:
-    """FFN, router and adapter bytes read per token over the dense FFN's, of the routed layers of
-    ``weights`` as held (block bytes at q8/q4), each at its density; ``dense_layers`` run dense (no router)."""
-    import dataclasses
-
-    from adaroute.runtime.weights import weight_bytes
-
-    dense_total = part_ffn = part_router = part_adapter = 0
-    for i, d in layer_density.items():
-        one = dataclasses.replace(weights, layers=[weights.layers[i]])
-        dense_total += weight_bytes(one)["ffn"]
-        sparse = weight_bytes(one, None if i in dense_layers else d)
-        part_ffn, part_router, part_adapter = (part_ffn + sparse["ffn"], part_router + sparse["router"],
-                                               part_adapter + sparse["adapter"])
-    return {"ffn_bytes_share": (part_ffn + part_router + part_adapter) / dense_total,
-            "router_bytes_share": part_router / dense_total, "adapter_bytes_share": part_adapter / dense_total}
+def _by_layer(mods: list[RoutedMLP], result: dict) -> dict[int, float]:
+    return dict(zip((m.layer_idx for m in mods), result["layer_density"], strict=True))
 
 
 def _result(sums: dict, stats: RoutingStats, mods: list[RoutedMLP], n_windows: int, density) -> dict[str, Any]:
@@ -224,7 +196,6 @@ def _result(sums: dict, stats: RoutingStats, mods: list[RoutedMLP], n_windows: i
         "kl_per_token": sums["kl"] / n,
         "mean_density": sum(layer_density.values()) / len(layer_density),
         "layer_density": [layer_density[m.layer_idx] for m in mods],
-        **cost_shares(mods, layer_density),
         "units_per_token": stats.units_per_token() if stats.layers else {},
         "unit_usage": stats.unit_usage_summary() if stats.layers else {},
         "density_override": density,

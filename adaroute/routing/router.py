@@ -88,10 +88,6 @@ class ShadowRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)
 
-    def weight_bytes(self) -> int:
-        """Bytes read per token to score every unit: codes + scales + biases."""
-        return sum(t.numel() * t.element_size() for t in (self.shadow_q, self.shadow_scale, self.unit_bias))
-
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, units={self.units}, group_size={self.group_size}, bits=4"
 
@@ -127,11 +123,6 @@ class ExactRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)
 
-    def weight_bytes(self) -> int:
-        """It reads all of gate and up (and the biases) to score."""
-        w = self._owner.w_gate
-        return 2 * w.numel() * w.element_size() + self.unit_bias.numel() * self.unit_bias.element_size()
-
     def extra_repr(self) -> str:
         return f"units={self.units}, exact gate/up"
 
@@ -159,6 +150,3 @@ class OracleRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)
 
-    def weight_bytes(self) -> int:
-        """It reads all of gate and up to score."""
-        return 2 * self.w_gate.numel() * self.w_gate.element_size()

@@ -62,19 +62,10 @@ class RoutedFFN:
 
     @property
     def router_share(self) -> float:
-        """Bytes a sparse call reads per token whatever it selects (router, adapter projections) over
-        the FFN's weight bytes."""
-        def nbytes(*ts):
-            return sum(t.numel() * t.element_size() for t in ts)
+        """Bytes a sparse call reads per token whatever it selects over the FFN's (``cost.router_share``)."""
+        from adaroute.runtime.cost import router_share
 
-        per_token = nbytes(self.shadow_q, self.shadow_scale, self.unit_bias)
-        if self.shadow_q.numel() == 0:  # no shadow: the exact router reads every gate and up row
-            per_token += nbytes(self.w_gate, self.w_up)
-        if self.dense_down:  # and the whole down projection
-            per_token += nbytes(self.w_down_t)
-        if self.adapter is not None:
-            per_token += nbytes(self.adapter.w_in, self.adapter.w_out)
-        return per_token / nbytes(self.w_gate, self.w_up, self.w_down_t)
+        return router_share(self)
 
 
 @dataclass(frozen=True)
@@ -117,8 +108,10 @@ class ModelWeights:
         return any(isinstance(layer.ffn, RoutedFFN) for layer in self.layers)
 
     def weight_bytes(self, density: float | None = None) -> dict[str, int]:
-        """Bytes of weights read to decode one token, by part; routed FFNs sparse at ``density``
-        (router included) or, with None, dense (router not read)."""
+        """Bytes of weights read to decode one token, by part; routed FFNs sparse at ``density`` (router
+        included) or, with None, dense (router not read). Counted by ``adaroute.runtime.cost``."""
+        from adaroute.runtime.cost import weight_bytes
+
         return weight_bytes(self, density)
 
 
@@ -224,27 +217,3 @@ def rope_for_config(cfg, positions: int, head_dim: int) -> tuple[torch.Tensor, t
     module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
     rotary = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
     return _rope_table(SimpleNamespace(model=SimpleNamespace(rotary_emb=rotary(cfg))), positions, head_dim)
-
-
-def weight_bytes(w: ModelWeights, density: float | None = None) -> dict[str, int]:
-    """Bytes read per decoded token: attention projections, FFN, router, head. ``density`` None:
-    routed FFNs run dense and skip the router; a number: they run sparse at that density."""
-    def nbytes(*ts):
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    attn = sum(nbytes(ly.wq, ly.wk, ly.wv, ly.wo) for ly in w.layers)
-    ffn = router = adapter = 0
-    for ly in w.layers:
-        f = ly.ffn
-        if isinstance(f, RoutedFFN) and density is not None and f.shadow_q.numel() == 0:
-            router += nbytes(f.w_gate, f.w_up, f.unit_bias)  # exact router: gate/up of every unit score it
-            ffn += nbytes(f.w_down_t) if f.dense_down else int(density * nbytes(f.w_down_t))
-        elif isinstance(f, RoutedFFN) and density is not None:
-            ffn += int(density * nbytes(f.w_gate, f.w_up, f.w_down_t))
-            router += nbytes(f.shadow_q, f.shadow_scale, f.unit_bias)
-        else:
-            ffn += nbytes(f.w_gate, f.w_up, f.w_down if isinstance(f, DenseFFN) else f.w_down_t)
-        if isinstance(f, RoutedFFN) and density is not None and f.adapter is not None:
-            # both projections per token, the selected units' 3r values
-            adapter += nbytes(f.adapter.w_in, f.adapter.w_out) + int(density * nbytes(f.adapter.w_units))
-    return {"attention": attn, "ffn": ffn, "router": router, "adapter": adapter, "head": nbytes(w.head)}
