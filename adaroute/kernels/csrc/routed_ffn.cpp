@@ -388,10 +388,108 @@ struct RoutedCall {
     if (rank) axpy_tokens(au + 2 * rank, a, nt, acc + nt * h, rank, rank, nullptr);
   }
 
+#ifdef AR_INT8_SIMD
+  // Decode (one token): the listed units (at most a score block) in two passes, four units at a time.
+  // A: gate and up rows against x, eight rows in flight with one shared reduction per four (each unit's
+  // down row requested into L2 meanwhile); silu(g) * u for the four. B: the down rows added into acc,
+  // which is loaded and stored once per four units. The sums of gather_unit, in another order: unit by
+  // unit, the work between two rows (a reduction, silu, the load and store of acc) cost more than the
+  // rows' own bytes when they come from cache, and held the next unit's loads back.
+  void gather_units1(const int* units, int64_t n, float* acc, int64_t s0, int64_t s1) {
+    float a[kScoreBlock];
+    int64_t scored = s0;
+    auto score_upto = [&](int64_t done) {  // interleave the next block's scoring, by share of the work
+      const int64_t upto = s0 + (s1 - s0) * done / (2 * n);
+      if (upto > scored) score_units(scored, upto);
+      scored = std::max(scored, upto);
+    };
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t p = 0; p < n; p += 4) {
+      const int m = static_cast<int>(std::min<int64_t>(4, n - p));
+      const float *rg[4], *ru[4], *rd[4], *next[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = units[p + std::min(r, m - 1)];  // a short group repeats its last unit (not summed)
+        rg[r] = wg + i * ldw, ru[r] = wu + i * ldw, rd[r] = wd_t + i * ldw;
+        const int64_t j = units[std::min(p + 4 + r, n - 1)];
+        next[r] = wg + j * ldw;
+      }
+      __m512 ag[4] = {zero, zero, zero, zero}, au[4] = {zero, zero, zero, zero};
+      for (int64_t kk = 0; kk < h; kk += 16) {
+        const __mmask16 km = h - kk >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (h - kk)) - 1u);
+        const __m512 xv = _mm512_maskz_loadu_ps(km, x + kk);
+        for (int r = 0; r < 4; ++r) {
+          ag[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, rg[r] + kk), xv, ag[r]);
+          au[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, ru[r] + kk), xv, au[r]);
+          _mm_prefetch(reinterpret_cast<const char*>(rd[r] + kk), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(next[r] + kk), _MM_HINT_T1);  // the next four's gate rows
+        }
+      }
+      float g[4], u[4];
+      reduce4(ag[0], ag[1], ag[2], ag[3], g);
+      reduce4(au[0], au[1], au[2], au[3], u);
+      if (rank) {  // the units' low-rank gate/up terms: B_g and B_u rows (3r values per unit) against z
+        const float *bg[4], *bu[4];
+        for (int r = 0; r < 4; ++r) {
+          const float* au_r = a_units + units[p + std::min(r, m - 1)] * 3 * rank;
+          bg[r] = au_r, bu[r] = au_r + rank;
+        }
+        float dg[4], du[4];
+        dots4(bg, z.data(), rank, dg);
+        dots4(bu, z.data() + rank, rank, du);
+        for (int r = 0; r < 4; ++r) g[r] += dg[r], u[r] += du[r];
+      }
+      for (int r = 0; r < m; ++r) a[p + r] = silu(g[r]) * u[r];
+      score_upto(p + m);
+    }
+    for (int64_t p = 0; p < n; p += 4) {
+      const int m = static_cast<int>(std::min<int64_t>(4, n - p));
+      const float* rd[4];
+      float c[4];
+      for (int r = 0; r < 4; ++r) {
+        rd[r] = wd_t + units[p + std::min(r, m - 1)] * ldw;
+        c[r] = r < m ? a[p + r] : 0.0f;
+      }
+      const __m512 c0 = _mm512_set1_ps(c[0]), c1 = _mm512_set1_ps(c[1]), c2 = _mm512_set1_ps(c[2]),
+                   c3 = _mm512_set1_ps(c[3]);
+      for (int64_t kk = 0; kk < h; kk += 16) {
+        const __mmask16 km = h - kk >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (h - kk)) - 1u);
+        __m512 y = _mm512_maskz_loadu_ps(km, acc + kk);
+        y = _mm512_fmadd_ps(c0, _mm512_maskz_loadu_ps(km, rd[0] + kk), y);
+        y = _mm512_fmadd_ps(c1, _mm512_maskz_loadu_ps(km, rd[1] + kk), y);
+        y = _mm512_fmadd_ps(c2, _mm512_maskz_loadu_ps(km, rd[2] + kk), y);
+        y = _mm512_fmadd_ps(c3, _mm512_maskz_loadu_ps(km, rd[3] + kk), y);
+        _mm512_mask_storeu_ps(acc + kk, km, y);
+      }
+      if (rank)  // the down adapter's part: a * A_d[:, i] into acc's [r] tail
+        for (int r = 0; r < m; ++r) axpy_tokens(a_units + units[p + r] * 3 * rank + 2 * rank, c + r, 1, acc + h, rank,
+                                                rank, nullptr);
+      score_upto(n + p + m);
+    }
+    if (scored < s1) score_units(scored, s1);
+  }
+
+  // out[r] = rows[r] . v for four rows of length k (masked tail), one shared reduction.
+  static void dots4(const float* const* rows, const float* v, int64_t k, float* out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t kk = 0; kk < k; kk += 16) {
+      const __mmask16 km = k - kk >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - kk)) - 1u);
+      const __m512 vv = _mm512_maskz_loadu_ps(km, v + kk);
+      for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, rows[r] + kk), vv, acc[r]);
+    }
+    reduce4(acc[0], acc[1], acc[2], acc[3], out);
+  }
+#endif
+
   // Gathers the listed units (ascending), interleaving the scoring of units [s0, s1): the int4
   // arithmetic then runs while the gathered rows are still on their way from memory.
   void gather_list(const std::vector<int>& units, int64_t s0, int64_t s1, float* acc) {
     const int64_t n = static_cast<int64_t>(units.size());
+#ifdef AR_INT8_SIMD
+    if (nt == 1 && !correcting && n > 0 && n <= kScoreBlock) {
+      gather_units1(units.data(), n, acc, s0, s1);
+      return;
+    }
+#endif
     int64_t scored = s0;
     for (int64_t p = 0; p < n; ++p) {
       // Selected rows are scattered and only ~36 cache lines long, too short for the hardware
