@@ -413,6 +413,11 @@ struct RoutedCall {
         const int64_t j = units[std::min(p + 4 + r, n - 1)];
         next[r] = wg + j * ldw;
       }
+      if (rank)  // the next four's adapter values (3r each, scattered like their rows): needed after this loop
+        for (int r = 0; r < 4; ++r) {
+          const char* v = reinterpret_cast<const char*>(a_units + units[std::min(p + 4 + r, n - 1)] * 3 * rank);
+          for (int64_t b = 0; b < 3 * rank * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+        }
       __m512 ag[4] = {zero, zero, zero, zero}, au[4] = {zero, zero, zero, zero};
       for (int64_t kk = 0; kk < h; kk += 16) {
         const __mmask16 km = h - kk >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (h - kk)) - 1u);
