@@ -16,6 +16,7 @@ import ctypes
 import functools
 import math
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ _SIGNATURES = {
     "ar_rmsnorm": [_P, _I64, _I64, _P, _F32, _P],
     "ar_attention": [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I32],
     "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P,
-                      _I32, _I32, _I64, _P, _P, _P, _P],
+                      _I32, _I32, _I64, _P, _P, _P, _P, _P],
     "ar_router_scores": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32],
 }
 
@@ -253,8 +254,53 @@ def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, t
         x.data_ptr(), t, h, f, w_gate.data_ptr(), w_up.data_ptr(), w_down_t.data_ptr(), w_gate.stride(0),
         shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(),
         float(threshold), int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
-        int(residual is not None), _threads(), *_adapter_args(adapter), usage_ptr(usage, f))
+        int(residual is not None), _threads(), *_adapter_args(adapter), usage_ptr(usage, f),
+        None if all_units else shadow_g16(shadow_q, shadow_scale).data_ptr())
     return y, counts
+
+
+G16_UNITS = 16  # units per record of the g16 shadow layout (one per lane of a 512-bit vector)
+# id(shadow_q) -> (weak shadow_q, weak shadow_scale, their versions, g16), dropped when shadow_q dies. Keyed by
+# identity: a WeakKeyDictionary compares keys with ==, which for tensors is elementwise.
+_G16: dict[int, tuple] = {}
+
+
+def shadow_g16(shadow_q: torch.Tensor, shadow_scale: torch.Tensor) -> torch.Tensor:
+    """The int4 shadow (codes [2F, H/2], scales [2F, G]) in the kernels' decode layout, ``g16``: per 16
+    units one record of gate codes [H/8, 16, 4] bytes, up codes likewise, gate scales [G, 16] and up
+    scales [G, 16] float32 (bytes), where lane j's 4 bytes of 8-column chunk c hold unit 16g + j's
+    nibbles of columns 8c..8c+3 (low) and 8c+4..8c+7 (high); the last record is padded with zero units.
+    16 units then score in the lanes of one vector (``routed_ffn.cpp``: ``g16_record``).
+
+    Made once per shadow tensor and kept while it lives (1.25 × the shadow's bytes, ~3 % of a float32
+    model), remade when either tensor was modified in place."""
+    versions = (shadow_q._version, shadow_scale._version)
+    hit = _G16.get(id(shadow_q))
+    if hit is not None and hit[0]() is shadow_q and hit[1]() is shadow_scale and hit[2] == versions:
+        return hit[3]
+    two_f, half = shadow_q.shape
+    f, h, g = two_f // 2, 2 * half, shadow_scale.shape[1]
+    records = -(-f // G16_UNITS)
+    pad = records * G16_UNITS - f
+    codes = torch.stack((shadow_q & 0xF, shadow_q >> 4), dim=-1).reshape(two_f, h)  # [2F, H] in column order
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # [F, k] -> [records * 16, k]
+        return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+
+    def codes_part(rows: torch.Tensor) -> torch.Tensor:  # [F, H] -> [records, 16 * H/2] bytes
+        c = padded(rows).view(records, G16_UNITS, h // 8, 8)
+        return (c[..., :4] | (c[..., 4:] << 4)).permute(0, 2, 1, 3).reshape(records, -1)
+
+    def scales_part(s: torch.Tensor) -> torch.Tensor:  # [F, G] -> [records, G * 16 * 4] bytes
+        s = padded(s.float()).view(records, G16_UNITS, g).permute(0, 2, 1).contiguous()
+        return s.view(torch.uint8).reshape(records, -1)
+
+    packed = torch.cat([codes_part(codes[:f]), codes_part(codes[f:]), scales_part(shadow_scale[:f]),
+                        scales_part(shadow_scale[f:])], dim=1).contiguous()
+    if hit is None or hit[0]() is not shadow_q:
+        weakref.finalize(shadow_q, _G16.pop, id(shadow_q), None)
+    _G16[id(shadow_q)] = (weakref.ref(shadow_q), weakref.ref(shadow_scale), versions, packed)
+    return packed
 
 
 def _adapter_args(adapter: reference.Adapter | None) -> tuple:

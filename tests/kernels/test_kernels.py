@@ -108,6 +108,51 @@ def test_routed_with_larger_scale_groups(cpu):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+@pytest.mark.parametrize(("h", "f", "group"), [(64, 40, 32), (128, 200, 64), (576, 1536, 32)])
+def test_routed_ffn_scores_from_the_g16_layout(cpu, tokens, h, f, group):
+    """The kernels score from the g16 layout: units not a multiple of its 16 (a padded last record),
+    wider scale groups, the embedded model's layer shape."""
+    t = routed_tensors(seed=f + tokens, h=h, f=f, group=group)
+    x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(f))
+    scores = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    thr = gap_threshold(scores, 0.35)
+    y_ref, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=f)
+    y, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=f)
+    assert n.tolist() == n_ref.tolist()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_g16_layout_holds_the_shadow_and_follows_changes():
+    """Each record of ``shadow_g16`` read back by its definition gives the codes and scales."""
+    from adaroute.kernels import cpu as cpu_module
+
+    f, h, groups = 40, 96, 3
+    t = routed_tensors(seed=3, h=h, f=f, group=32)
+    q, s = t["shadow_q"], t["shadow_scale"]
+    packed = cpu_module.shadow_g16(q, s)
+    records = 3  # ceil(40 / 16): the last one padded
+    assert packed.shape == (records, 16 * h + 128 * groups) and packed.dtype == torch.uint8
+    codes = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(2 * f, h).tolist()  # [2F, H] stored nibbles
+    scales = packed[:, 16 * h:].contiguous().view(torch.float32).view(records, 2, groups, 16)
+    for r in range(records):
+        for lane in range(16):
+            unit = 16 * r + lane
+            for part, rows in ((0, 0), (1, f)):  # gate codes, then up codes
+                for c in range(h // 8):
+                    for k in range(4):
+                        byte = int(packed[r, part * 8 * h + (c * 16 + lane) * 4 + k])
+                        want = (codes[rows + unit][8 * c + k], codes[rows + unit][8 * c + 4 + k]) if unit < f else (0, 0)
+                        assert (byte & 0xF, byte >> 4) == want
+                for grp in range(groups):
+                    want = float(s[rows + unit, grp]) if unit < f else 0.0
+                    assert float(scales[r, part, grp, lane]) == want
+    assert cpu_module.shadow_g16(q, s) is packed  # made once per shadow
+    with torch.no_grad():
+        s.mul_(2.0)  # changed in place: made again
+    assert not torch.equal(cpu_module.shadow_g16(q, s), packed)
+
+
 def test_full_set_equals_dense_ffn(cpu):
     t = routed_tensors(seed=5)
     x = torch.randn(2, H)
@@ -138,6 +183,7 @@ import math, torch, warnings
 from adaroute.kernels import cpu, reference
 from tests.kernels.test_kernels import routed_tensors, F
 warnings.simplefilter("always")
+torch.manual_seed(0)  # a score near log(0) can differ by more than the tolerance under another summation order
 x, w = torch.randn(3, 64), torch.randn(40, 64)
 assert torch.allclose(cpu.linear(x, w), reference.linear(x, w), rtol=1e-4, atol=1e-4)
 t = routed_tensors(seed=2)

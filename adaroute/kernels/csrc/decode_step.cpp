@@ -23,7 +23,8 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale,
                    int64_t group_size, const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
                    int all_units, float* y, int64_t* counts, int accumulate, int nthreads, int64_t adapter_rank,
-                   const float* a_in, const float* a_units, const float* a_out, int64_t* usage);
+                   const float* a_in, const float* a_units, const float* a_out, int64_t* usage,
+                   const uint8_t* shadow_g16);
 
 struct ArLayer {
   const float *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm;
@@ -40,6 +41,7 @@ struct ArLayer {
   int64_t fault;                        // injected fault of this step: 2 the sparse kernel throws, 3 NaN out
   const float *a_in, *a_units, *a_out;  // kind 1, routing adapter: [2r, H], [F, 3, r], [H, r] (sparse path only)
   int64_t adapter_rank;                 // 0: no adapter
+  const uint8_t* shadow_g16;            // kind 1: the shadow in the g16 layout (null: rows only)
 };
 
 // Fail-safe of a sparse routed layer (step.h): the sparse kernel, then every unit for flagged tokens.
@@ -50,12 +52,12 @@ static void layer_failsafe(const ArLayer& ly, const ArStep* s, int64_t i, int64_
       [&](float* out, int64_t* c, int64_t* usage) {
         ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                       ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 0, out, c, 0,
-                      s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, usage);
+                      s->nthreads, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, usage, ly.shadow_g16);
       },
       [&](float* out, int64_t* c) {
         ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                       ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, 1, out, c, 0,
-                      s->nthreads, 0, nullptr, nullptr, nullptr, nullptr);
+                      s->nthreads, 0, nullptr, nullptr, nullptr, nullptr, nullptr);
       });
 }
 
@@ -90,7 +92,8 @@ void ar_decode_layers(const ArLayer* layers, const ArStep* s) {
     }
     ar_routed_ffn(s->h, n, hd, ly.units, ly.w_gate, ly.w_up, ly.w_down, ly.ldw, ly.shadow_q, ly.shadow_scale,
                   ly.group_size, ly.unit_bias, ly.threshold, ly.min_units, ly.max_units, sparse ? 0 : 1, s->x, counts,
-                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, sparse ? usage_row(s, ly.units, i) : nullptr);
+                  1, th, ly.adapter_rank, ly.a_in, ly.a_units, ly.a_out, sparse ? usage_row(s, ly.units, i) : nullptr,
+                  ly.shadow_g16);
     if (!sparse) std::fill(counts, counts + n, -1);
   }
 }

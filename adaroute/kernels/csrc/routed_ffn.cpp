@@ -74,6 +74,7 @@ struct QuantX {
   std::vector<uint64_t> bmask;     // [blocks]: bytes of the block inside the row
   std::vector<int8_t> xq;          // [T, H]: codes in column order (portable path)
   std::vector<float> sx_group;     // [T, G]
+  std::vector<int32_t> corr_group; // [T, G]: -8 * (sum of the group's codes), for the g16 layout
   int64_t h = 0, gs = 32, scale_cols = 0;
 
   // sx = max|x_g| / 127, code = round-half-even(x / sx): the float operations of
@@ -85,6 +86,7 @@ struct QuantX {
     blocks = (h / 2 + 63) / 64;
     xq.assign(static_cast<size_t>(nt) * h, 0);
     sx_group.assign(static_cast<size_t>(nt) * scale_cols, 0.0f);
+    corr_group.assign(static_cast<size_t>(nt) * scale_cols, 0);
     for (int t = 0; t < nt; ++t)
       for (int64_t g = 0; g < scale_cols; ++g) {
         const float* xg = x + t * h + g * gs;
@@ -92,11 +94,14 @@ struct QuantX {
         for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(xg[j]));
         const float scale = amax / 127.0f;
         sx_group[t * scale_cols + g] = scale;
+        int32_t sum = 0;
         if (scale > 0.0f)
           for (int64_t j = 0; j < gs; ++j) {
             const float v = std::nearbyint(xg[j] / scale);  // default rounding: half to even
             xq[t * h + g * gs + j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+            sum += xq[t * h + g * gs + j];
           }
+        corr_group[t * scale_cols + g] = -8 * sum;
       }
 #ifdef AR_INT8_SIMD
     xe.assign(static_cast<size_t>(nt) * blocks * 64, 0);
@@ -241,6 +246,66 @@ void shadow_pair_n(const uint8_t* qg, const uint8_t* qu, const float* sg, const 
   }
 }
 
+#ifdef AR_INT8_SIMD
+// The int4 shadow in the decode layout ("g16", adaroute/kernels/cpu.py: shadow_g16), one record per 16
+// units: gate codes [H/8][16 lanes][4 bytes], up codes likewise, then gate scales [G][16] and up scales
+// [G][16] (float32). Lane j's 4 bytes of chunk c hold unit 16g + j's stored nibbles of columns
+// 8c..8c+3 (low) and 8c+4..8c+7 (high), so one vpdpbusd against 4 activation codes broadcast does a
+// step of 16 units' dot products: no per-row reduction, no split loads, one stream per record.
+// Same integers and scales as the row layout (reference.router_scores), summed in another order.
+inline int64_t g16_record_bytes(int64_t h, int64_t scale_cols) { return 16 * h + 128 * scale_cols; }
+
+// Gate and up pre-activations of one record's 16 units for NT tokens t0.. into g[t][16], u[t][16].
+// ``next`` (may be null): the record scored next, requested line by line as this one streams (its two
+// 4.6 KB code runs are too short for the hardware prefetcher to ramp up on).
+template <int NT>
+inline void g16_record(const uint8_t* rec, const QuantX& qx, int t0, float* g, float* u, int64_t ldo,
+                       const uint8_t* next) {
+  const int64_t h = qx.h, gcols = qx.scale_cols, chunks = qx.gs / 8;
+  const uint8_t *cg = rec, *cu = rec + 8 * h;
+  const float* sg = reinterpret_cast<const float*>(rec + 16 * h);
+  const float* su = sg + 16 * gcols;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 accg[NT], accu[NT];
+  for (int t = 0; t < NT; ++t) accg[t] = accu[t] = _mm512_setzero_ps();
+  for (int64_t grp = 0; grp < gcols; ++grp) {
+    __m512i ig[NT], iu[NT];
+    for (int t = 0; t < NT; ++t) ig[t] = iu[t] = _mm512_set1_epi32(qx.corr_group[(t0 + t) * gcols + grp]);
+    if (next) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + 16 * h + 64 * grp), _MM_HINT_T0);  // its scales
+      _mm_prefetch(reinterpret_cast<const char*>(next + 16 * h + 64 * (gcols + grp)), _MM_HINT_T0);
+    }
+    for (int64_t c = grp * chunks; c < (grp + 1) * chunks; ++c) {
+      if (next) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + 64 * c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + 8 * h + 64 * c), _MM_HINT_T0);
+      }
+      const __m512i vg = _mm512_loadu_si512(cg + 64 * c), vu = _mm512_loadu_si512(cu + 64 * c);
+      const __m512i glo = _mm512_and_si512(vg, low4), ghi = _mm512_and_si512(_mm512_srli_epi16(vg, 4), low4);
+      const __m512i ulo = _mm512_and_si512(vu, low4), uhi = _mm512_and_si512(_mm512_srli_epi16(vu, 4), low4);
+      for (int t = 0; t < NT; ++t) {
+        int32_t xa, xb;  // the activation codes of columns 8c..8c+3 and 8c+4..8c+7
+        std::memcpy(&xa, qx.xq.data() + (t0 + t) * h + 8 * c, 4);
+        std::memcpy(&xb, qx.xq.data() + (t0 + t) * h + 8 * c + 4, 4);
+        const __m512i va = _mm512_set1_epi32(xa), vb = _mm512_set1_epi32(xb);
+        ig[t] = dot_u8s8(dot_u8s8(ig[t], glo, va), ghi, vb);
+        iu[t] = dot_u8s8(dot_u8s8(iu[t], ulo, va), uhi, vb);
+      }
+    }
+    const __m512 wsg = _mm512_loadu_ps(sg + 16 * grp), wsu = _mm512_loadu_ps(su + 16 * grp);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 sx = _mm512_set1_ps(qx.sx_group[(t0 + t) * gcols + grp]);
+      accg[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ig[t]), _mm512_mul_ps(wsg, sx), accg[t]);
+      accu[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iu[t]), _mm512_mul_ps(wsu, sx), accu[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    _mm512_storeu_ps(g + t * ldo, accg[t]);
+    _mm512_storeu_ps(u + t * ldo, accu[t]);
+  }
+}
+#endif
+
 // a . b for a short vector (an adapter's rank): one accumulator and one reduction, no set-up.
 inline float dot_short(const float* a, const float* b, int64_t n) {
 #ifdef __AVX512F__
@@ -289,6 +354,7 @@ struct RoutedCall {
   const float *x, *wg, *wu, *wd_t, *shadow_scale, *unit_bias;
   const uint8_t* shadow_q;
   int nt;
+  const uint8_t* shadow_g16 = nullptr;  // the shadow in the g16 layout (null: the row layout only)
   int64_t h, ldw, f, half, scale_cols;  // ldw: row stride of the three weights
   float threshold;
   QuantX qx;                         // x as int8 codes for scoring
@@ -310,11 +376,31 @@ struct RoutedCall {
   }
 
   // Scores of units [i0, i1) for every token, and the threshold part of the selection.
+  // With the g16 layout i0 is a multiple of 16 and i1 one too, or f.
   void score_units(int64_t i0, int64_t i1) {
     float gh[kMaxTokens * kScoreBlock], uh[kMaxTokens * kScoreBlock];  // [T][units]
     const int64_t n = i1 - i0;
     int64_t i = i0;
 #ifdef AR_INT8_SIMD
+    if (shadow_g16 != nullptr) {
+      const int64_t rec = g16_record_bytes(h, scale_cols);
+      for (; i < i1; i += 16) {
+        const uint8_t* r = shadow_g16 + (i / 16) * rec;
+        const uint8_t* next = i + 16 < f ? r + rec : nullptr;  // past this range too: often scored next
+        for (int t0 = 0; t0 < nt; t0 += kTokBlock) {
+          float* g = gh + t0 * kScoreBlock + (i - i0);
+          float* u = uh + t0 * kScoreBlock + (i - i0);
+          const uint8_t* pf = t0 == 0 ? next : nullptr;
+          switch (std::min(kTokBlock, nt - t0)) {
+            case 4: g16_record<4>(r, qx, t0, g, u, kScoreBlock, pf); break;
+            case 3: g16_record<3>(r, qx, t0, g, u, kScoreBlock, pf); break;
+            case 2: g16_record<2>(r, qx, t0, g, u, kScoreBlock, pf); break;
+            default: g16_record<1>(r, qx, t0, g, u, kScoreBlock, pf); break;
+          }
+        }
+      }
+      i = i1;
+    }
     if (nt == 1)  // decode: two units (four rows) at a time
       for (; i + 2 <= i1; i += 2) {
         const uint8_t* q[4] = {shadow_q + i * half, shadow_q + (f + i) * half, shadow_q + (i + 1) * half,
@@ -398,7 +484,7 @@ struct RoutedCall {
     float a[kScoreBlock];
     int64_t scored = s0;
     auto score_upto = [&](int64_t done) {  // interleave the next block's scoring, by share of the work
-      const int64_t upto = s0 + (s1 - s0) * done / (2 * n);
+      const int64_t upto = s0 + (s1 - s0) * done / (2 * n) / 16 * 16;  // whole records of 16 units
       if (upto > scored) score_units(scored, upto);
       scored = std::max(scored, upto);
     };
@@ -499,7 +585,7 @@ struct RoutedCall {
       // Selected rows are scattered and only ~36 cache lines long, too short for the hardware
       // prefetcher to ramp up: each row asks for the same row of the unit kAhead places on (into L2).
       gather_unit(units[p], units[std::min(p + kAhead, n - 1)], acc);
-      const int64_t upto = s0 + (s1 - s0) * (p + 1) / n;
+      const int64_t upto = s0 + (s1 - s0) * (p + 1) / n / 16 * 16;  // whole records of 16 units (g16)
       if (upto > scored) score_units(scored, upto);
       scored = std::max(scored, upto);
     }
@@ -540,13 +626,16 @@ extern "C" {
 // redone with the guards (which need every score first), and the pass corrected by the units the
 // guards added or dropped (or, when that is more work, thrown away and gathered again).
 // usage [F] (null: not counted): each token's final selection is added to it (not with all_units).
+// shadow_g16 (null: not given): the same shadow in the g16 layout (g16_record), scored instead of the
+// rows where the CPU has AVX-512 BW; shadow_q and shadow_scale are still the definition and fallback.
 void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const float* wg, const float* wu,
                    const float* wd_t, int64_t ldw, const uint8_t* shadow_q, const float* shadow_scale, int64_t group_size,
                    const float* unit_bias, float threshold, int64_t min_units, int64_t max_units,
                    int all_units, float* y, int64_t* counts, int accumulate, int nthreads, int64_t adapter_rank,
-                   const float* a_in, const float* a_units, const float* a_out, int64_t* usage) {
+                   const float* a_in, const float* a_units, const float* a_out, int64_t* usage,
+                   const uint8_t* shadow_g16) {
   const int nt = static_cast<int>(t_count);
-  RoutedCall call{x, wg, wu, wd_t, shadow_scale, unit_bias, shadow_q, nt, h, ldw, f, h / 2,
+  RoutedCall call{x, wg, wu, wd_t, shadow_scale, unit_bias, shadow_q, nt, shadow_g16, h, ldw, f, h / 2,
                   h / std::max<int64_t>(group_size, 1), threshold, {}, {}, {}};
   call.mask.assign(nt * f, all_units ? 1 : 0);
   if (!all_units) {
@@ -645,7 +734,7 @@ void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, con
                       const float* shadow_scale, int64_t group_size, const float* unit_bias, float* out,
                       int nthreads) {
   const int nt = static_cast<int>(t_count);
-  RoutedCall call{x, nullptr, nullptr, nullptr, shadow_scale, unit_bias, shadow_q, nt, h, h, f, h / 2,
+  RoutedCall call{x, nullptr, nullptr, nullptr, shadow_scale, unit_bias, shadow_q, nt, nullptr, h, h, f, h / 2,
                   h / std::max<int64_t>(group_size, 1), INFINITY, {}, {}, {}};
   call.qx.build(x, nt, h, group_size);
   call.score.resize(nt * f);
