@@ -79,7 +79,8 @@ struct QuantX {
 
   // sx = max|x_g| / 127, code = round-half-even(x / sx): the float operations of
   // reference.quantize_activations, so the codes match bit for bit.
-  void build(const float* x, int nt, int64_t h_, int64_t group_size) {
+  // rows false: only the codes in column order (what the g16 layout reads), not the row layout's copies.
+  void build(const float* x, int nt, int64_t h_, int64_t group_size, bool rows = true) {
     h = h_;
     gs = group_size;
     scale_cols = h / gs;
@@ -104,6 +105,7 @@ struct QuantX {
         corr_group[t * scale_cols + g] = -8 * sum;
       }
 #ifdef AR_INT8_SIMD
+    if (!rows) return;
     xe.assign(static_cast<size_t>(nt) * blocks * 64, 0);
     xo.assign(static_cast<size_t>(nt) * blocks * 64, 0);
     neg_corr.assign(static_cast<size_t>(nt) * blocks * 16, 0);
@@ -639,7 +641,7 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
                   h / std::max<int64_t>(group_size, 1), threshold, {}, {}, {}};
   call.mask.assign(nt * f, all_units ? 1 : 0);
   if (!all_units) {
-    call.qx.build(x, nt, h, group_size);
+    call.qx.build(x, nt, h, group_size, shadow_g16 == nullptr);
     call.score.resize(nt * f);
     // The adapter belongs to the routed path only: every unit (the dense FFN) never reads it.
     call.rank = adapter_rank;
