@@ -71,6 +71,12 @@ class Engine:
         self._usage: torch.Tensor | None = None
 
     @property
+    def made_tensors(self) -> list[torch.Tensor]:
+        """Tensors the engine made beside the weights it was given (the routers' scoring layout for the
+        compiled CPU step): memory it holds while it lives."""
+        return list(self._fused.held) if self._fused is not None else []
+
+    @property
     def unit_usage(self) -> torch.Tensor | None:
         """Per routed layer and unit, how many tokens selected the unit while the layer ran sparse:
         [L, F] int64, cumulative, counted by the kernels from each token's final selection (dense layers

@@ -58,7 +58,7 @@ class FusedDecoder:
         self._limits = self._bands = None
         self._scratch: dict[int, tuple] = {}
         self._ffn_out: dict[int, torch.Tensor] = {}  # [N, H] per N: the fail-safe's scratch
-        self._held: list[torch.Tensor] = []  # tensors made here whose pointers the layers hold
+        self.held: list[torch.Tensor] = []  # tensors made here whose pointers the layers hold
         for i, (ly, c) in enumerate(zip(w.layers, self.layers, strict=True)):
             c.attn_norm, c.wq, c.wk, c.wv, c.wo, c.mlp_norm = (t.data_ptr() for t in (
                 ly.attn_norm, ly.wq, ly.wk, ly.wv, ly.wo, ly.mlp_norm))
@@ -74,7 +74,7 @@ class FusedDecoder:
                                                                                    f.unit_bias))
                 c.group_size = cpu._group_size(ly.mlp_norm.view(1, -1), f.shadow_scale)
                 g16 = cpu.shadow_g16(f.shadow_q, f.shadow_scale)  # the scoring layout, made once per shadow
-                self._held.append(g16)
+                self.held.append(g16)
                 c.shadow_g16 = g16.data_ptr()
                 if f.adapter is not None:
                     c.a_in, c.a_units, c.a_out = (t.data_ptr() for t in f.adapter)
