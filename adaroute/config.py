@@ -77,13 +77,15 @@ _TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Demo preset: a small calibration sample; activation-aware shadow, measured allocation.
     "quick": dict(calib_tokens=4096, window=512, sensitivity_tokens=1024, ranking_steps=0, distill_steps=0),
     # Default preset: the quick stages on 4x the tokens, then 150 distillation steps of 256 tokens that
-    # train rank-16 routing adapters with the routers (about 2 % of the dense FFN's bytes per token), at
+    # train rank-8 routing adapters with the routers (about 1 % of the dense FFN's bytes per token; rank 16
+    # gave the same mean perplexity ratio over two seeds and three domains at 0.35 and 0.5, 1.017, with a
+    # wider spread between seeds, docs/routing.md), at
     # density 0.25 (at most the target, at least half of it): adapters trained where more units are
     # missing serve better at the target (three unseen domains, docs/routing.md: at 0.35, 1.036 / 1.036 /
     # 1.191 distilled at the target, 1.023 / 1.011 / 1.109 at 0.245; at 0.5, 1.018 / 1.009 / 1.052 at the
     # target, 0.999 / 0.990 / 1.029 at 0.35, 0.996 / 0.976 / 0.991 at 0.25).
     "default": dict(calib_tokens=16384, window=512, sensitivity_tokens=2048, ranking_steps=0, distill_steps=150,
-                    distill_window=256, adapt_rank=16, distill_density=0.5, distill_floor=0.25),
+                    distill_window=256, adapt_rank=8, distill_density=0.5, distill_floor=0.25),
 }
 # Wall-clock budget of each preset on 2 idle CPU cores for the embedded model, printed before converting.
 PRESET_BUDGET_MINUTES = {"quick": 10, "default": 30}

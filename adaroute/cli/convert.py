@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-adapt", action="store_true",
                    help="skip the distillation stage that trains routing adapters (default preset)")
     p.add_argument("--adapt-rank", type=positive_int, default=None,
-                   help="rank of the routing adapters (default: the preset's, 16 in default)")
+                   help="rank of the routing adapters (default: the preset's, 8 in default)")
     p.add_argument("--weights", default="f32", metavar="FORMAT",
                    help="weight format the routed model is stored in and runs at: f32 (default, runs at any "
                         "format), q8 (q8_0) or q4 (q4_1), also q4_0 (the directory holds the blocks)")

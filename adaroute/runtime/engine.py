@@ -74,7 +74,7 @@ class Engine:
     def made_tensors(self) -> list[torch.Tensor]:
         """Tensors the engine made beside the weights it was given (the routers' scoring layout for the
         compiled CPU step): memory it holds while it lives."""
-        return list(self._fused.held) if self._fused is not None else []
+        return list(getattr(self._fused, "held", []))  # only the float32 step makes any
 
     @property
     def unit_usage(self) -> torch.Tensor | None:
