@@ -35,6 +35,7 @@ VARIANTS = {
     "adapters-no-usage": dict(usage_loss=0.0),
     "adapters-no-terms": dict(z_loss=0.0, usage_loss=0.0),
     "rank8": dict(adapt_rank=8),
+    "rank16": dict(adapt_rank=16),
     "rank32": dict(adapt_rank=32),
     "adapters-selfgen": dict(distill_generated=16384),  # + 16k tokens the dense model sampled itself
 }
