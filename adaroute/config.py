@@ -30,6 +30,8 @@ class RoutingConfig:
     min_density / max_density: per-token guards, as shares of F (converted to unit counts per layer).
     layer_min_density / layer_max_density: bounds on any one layer's mean density when allocating.
     group_size:    hidden-dim group of the int4 router shadow (must divide the hidden size).
+    head_rows:     routed output head (``adaroute.runtime.head``): exact logits for this many vocabulary
+                   rows per token, the rest from the head's 4-bit shadow; 0 = the exact head.
     """
 
     density: float = 0.5
@@ -40,6 +42,7 @@ class RoutingConfig:
     layer_min_density: float = 0.15
     layer_max_density: float = 1.0
     group_size: int = 32
+    head_rows: int = 0
 
     def __post_init__(self) -> None:
         _check(0.0 < self.density <= 1.0, "density", f"must be in (0, 1], got {self.density}")
@@ -62,6 +65,7 @@ class RoutingConfig:
             f"{self.layer_min_density} / {self.density} / {self.layer_max_density}",
         )
         _check(self.group_size > 0 and self.group_size % 2 == 0, "group_size", "must be a positive even int")
+        _check(self.head_rows >= 0, "head_rows", f"must be >= 0, got {self.head_rows}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -73,6 +73,7 @@ def convert(
     start = time.perf_counter()
     model.eval()
     mods = route_model(model, group_size=routing.group_size)
+    model.adaroute_head_rows = routing.head_rows  # the runtime's output head (as a loaded directory says)
     # An interrupted distillation resumes from here on the next identical run (removed once saved).
     checkpoint = Path(f"{output}.distill-checkpoint.pt") if output is not None and train.distill_steps else None
     report = train_routers(model, tokenizer, texts, mods, routing, train, checkpoint)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from adaroute.cli.common import add_model_arg, check_json_arg, positive_int, setup_threads, write_json
+from adaroute.cli.common import (
+    add_head_rows_arg,
+    add_model_arg,
+    apply_head_rows,
+    check_json_arg,
+    positive_int,
+    setup_threads,
+    write_json,
+)
 from adaroute.errors import AdarouteError
 
 MAX_BATCH = 64
@@ -21,6 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", default=None, metavar="FORMAT",
                    help="weight format of the adaroute engines: f32, q8 (q8_0), q4 (q4_1) or q4_0 (default: the "
                         "routed directory's recorded format, else f32); transformers-eager stays float32")
+    add_head_rows_arg(p)
     p.add_argument("--json", metavar="OUT", help="write one record per engine and batch size")
     p.set_defaults(run=run)
 
@@ -58,9 +67,11 @@ def run(args) -> int:
     if info.context and max_len > info.context:
         raise AdarouteError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} (+16) exceed the "
                             f"model's context of {info.context} tokens: use fewer")
+    apply_head_rows(None, info, args.head_rows, fmt)  # checks before the slow load
     setup_threads()
     source = info.source
     model, tokenizer = load_model(args.model)
+    apply_head_rows(model, info, args.head_rows, fmt)
     gguf = str(source.directory / source.gguf_file) if source.gguf_file else None
     engines = build_engines(model, gguf, max_len=max_len, kernel=args.kernel, weights=fmt)
     records = []

@@ -32,6 +32,38 @@ def positive_int(text: str) -> int:
 positive_int.__name__ = "positive integer"  # argparse names the type in its error message
 
 
+def head_rows(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+head_rows.__name__ = "row count (0 or more)"
+
+
+def add_head_rows_arg(parser, converting: bool = False) -> None:
+    """``--head-rows``: the routed output head (``adaroute.runtime.head``), float32 models only."""
+    what = ("routed output head: exact logits for N vocabulary rows per token, the rest from the head's "
+            "4-bit shadow (f32 only; 0 = the exact head)")
+    parser.add_argument("--head-rows", type=head_rows, default=0 if converting else None, metavar="N",
+                        help=what + (" (default 0)" if converting else "; overrides the routed directory's"))
+
+
+def apply_head_rows(model, info, rows: int | None, fmt: str) -> None:
+    """Sets a loaded routed model's routed head from ``--head-rows`` (None: as its directory says);
+    with ``model`` None, only checks the option (before a slow load)."""
+    if rows is None:
+        return
+    if not info.routed:
+        raise AdarouteError("--head-rows applies to routed models only: convert the model first (adaroute convert)")
+    if rows and fmt != "f32":
+        raise AdarouteError(f"--head-rows: the routed head runs on a float32 head; this model runs at {fmt} "
+                            "(leave --head-rows out, or use a model converted at --weights f32)")
+    if model is not None:
+        model.adaroute_head_rows = rows
+
+
 def finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaroute.cli.common import add_model_arg, density, format_table, positive_int, seed, setup_threads
+from adaroute.cli.common import (
+    add_head_rows_arg,
+    add_model_arg,
+    density,
+    format_table,
+    positive_int,
+    seed,
+    setup_threads,
+)
 from adaroute.errors import AdarouteError
 
 
@@ -34,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", default="f32", metavar="FORMAT",
                    help="weight format the routed model is stored in and runs at: f32 (default, runs at any "
                         "format), q8 (q8_0) or q4 (q4_1), also q4_0 (the directory holds the blocks)")
+    add_head_rows_arg(p, converting=True)
     p.set_defaults(run=run)
 
 
@@ -42,10 +51,13 @@ def run(args) -> int:
     from adaroute.runtime.formats import parse_format
 
     weights = parse_format(args.weights)
+    if args.head_rows and weights != "f32":
+        raise AdarouteError(f"--head-rows: the routed head runs on a float32 head, and --weights {args.weights} "
+                            "stores blocks; leave --head-rows out or convert at --weights f32")
 
     try:
         routing = RoutingConfig(density=args.density, policy=args.policy, allocation=args.allocation,
-                                layer_min_density=min(0.15, args.density))
+                                layer_min_density=min(0.15, args.density), head_rows=args.head_rows)
         overrides = {"seed": args.seed} | ({"calib_tokens": args.calib_tokens} if args.calib_tokens else {})
         overrides |= _adapt_overrides(args, TrainConfig.from_name(args.preset))
         train = TrainConfig.from_name(args.preset, **overrides)

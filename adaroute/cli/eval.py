@@ -6,13 +6,16 @@ units-per-token distribution.
 
 ``--weights q8|q4|q4_0`` (default: the format a routed directory records, f32 otherwise): the runtime
 engine computes every perplexity on the model's weights at that format (adaroute.runtime.formats), dense
-and routed alike; at f32 the loaded model itself computes them.
+and routed alike; at f32 the loaded model itself computes them, unless the model's output head is
+routed (``--head-rows``, or a directory converted with it): that runs in the runtime engine only.
 """
 
 from __future__ import annotations
 
 from adaroute.cli.common import (
+    add_head_rows_arg,
     add_model_arg,
+    apply_head_rows,
     check_json_arg,
     density,
     format_table,
@@ -43,6 +46,7 @@ def add_parser(sub) -> None:
                    help="weight format: f32, q8 (q8_0), q4 (q4_1) or q4_0; at q8/q4 the runtime engine computes "
                         "the perplexities on quantised weights (default: the routed directory's recorded format, "
                         "else f32)")
+    add_head_rows_arg(p)
     p.add_argument("--json", metavar="OUT", help="write results as JSON")
     p.set_defaults(run=run)
 
@@ -64,10 +68,12 @@ def run(args) -> int:
     check_window_fits(args.window, info.context)
     if args.density is not None and not info.routed:
         raise AdarouteError("--density applies to routed models only: convert the model first (adaroute convert)")
+    apply_head_rows(None, info, args.head_rows, fmt)  # checks before the slow load
     setup_threads()
     model, tokenizer = load_model(args.model)
+    apply_head_rows(model, info, args.head_rows, fmt)
     routed = info.routed
-    if fmt == "f32":
+    if fmt == "f32" and not getattr(model, "adaroute_head_rows", 0):  # a routed head runs in the runtime only
         evaluate = _eval_routed if routed else _eval_dense
         records = [evaluate(model, tokenizer, t, args) for t in texts]
     else:
@@ -76,6 +82,9 @@ def run(args) -> int:
                "total": _total(records, args)}
     if fmt != "f32":
         print(f"weights: {fmt} (perplexities computed by the runtime engine on {fmt} blocks)")
+    elif getattr(model, "adaroute_head_rows", 0):
+        print(f"routed head: {model.adaroute_head_rows} exact rows per token (perplexities computed by the runtime "
+              "engine)")
     _print(payload, routed)
     write_json(args.json, payload)
     return 0

@@ -192,6 +192,7 @@ def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = N
     w = engine.w
     held = [w.embed, w.head, w.final_norm] + [t for ly in w.layers for t in _layer_tensors(ly, router=routed)]
     held += engine.made_tensors if routed else []  # the dense engine never reads the routers' layout
+    held += [w.routed_head.shadow] if routed and w.routed_head is not None else []  # nor the head's shadow
     return BenchEngine(name or ("adaroute-routed" if routed else "adaroute-dense"), run, _tensor_bytes(held),
                        lambda: sum(w.weight_bytes(density()).values()), density, reset)
 

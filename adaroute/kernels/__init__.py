@@ -2,7 +2,7 @@
 
 Every kernel module exposes the same functions (see ``reference``, the ground truth):
 ``linear``, ``linear_multi``, ``gate_up_silu``, ``rmsnorm``, ``dense_ffn``, ``unit_ffn``,
-``routed_ffn`` and ``is_available``. Modules are imported on first lookup, so asking for the CPU
+``routed_ffn``, ``head_rows`` and ``is_available``. Modules are imported on first lookup, so asking for the CPU
 kernel builds it then, and nothing GPU-related is imported on a CPU-only machine.
 """
 

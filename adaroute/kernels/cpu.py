@@ -27,7 +27,7 @@ from adaroute.kernels.quant_reference import is_quant
 NAME = "cpu"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "gemv.cpp", CSRC / "routed_ffn.cpp", CSRC / "attention.cpp", CSRC / "decode_step.cpp",
-           CSRC / "quant.cpp"]
+           CSRC / "quant.cpp", CSRC / "head.cpp"]
 # Above this many tokens the weights are reused enough that PyTorch's GEMM is the better tool:
 # measured on one core (docs/perf.md), the GEMV is 2x faster up to 8 tokens, even at 12, slower at
 # 16. At most kMaxTokens (64), the C side's limit.
@@ -45,6 +45,7 @@ _SIGNATURES = {
     "ar_routed_ffn": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _I64, _P, _F32, _I64, _I64, _I32, _P, _P,
                       _I32, _I32, _I64, _P, _P, _P, _P, _P],
     "ar_router_scores": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _I32],
+    "ar_head_rows": [_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I32],
 }
 
 
@@ -118,6 +119,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = Non
     if not _fast(x, w) or (residual is not None and not residual.is_contiguous()):
         return reference.linear(x, w, residual)
     return _linear_segments(x, [w], residual)
+
+
+def head_rows(x: torch.Tensor, head: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The routed head's exact rows (``reference.head_rows``: logits [T, V] updated in place; the
+    rows [T, k] returned, in no particular order within a token)."""
+    if (x.dtype is not _F32_DTYPE or head.dtype is not _F32_DTYPE or logits.dtype is not _F32_DTYPE
+            or x.is_cuda or not (x.is_contiguous() and head.is_contiguous() and logits.is_contiguous())
+            or _lib() is None):
+        return reference.head_rows(x, head, logits, k)
+    t, v = logits.shape
+    idx = torch.empty(t, min(k, v), dtype=torch.int64)
+    _lib().ar_head_rows(x.data_ptr(), t, x.shape[1], head.data_ptr(), v, logits.data_ptr(), k, idx.data_ptr(),
+                        _threads())
+    return idx
 
 
 def linear_multi(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:

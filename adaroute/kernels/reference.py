@@ -38,9 +38,30 @@ def is_available() -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w [M, K]^T -> [T, M]; with ``residual`` [T, M] the result is added to it in place."""
+    """x [T, K] @ w [M, K]^T -> [T, M]; with ``residual`` [T, M] the result is added to it in place.
+    A block-quantised w (``quant_reference.QuantWeight``) takes the blocks' product."""
+    if not isinstance(w, torch.Tensor):
+        from adaroute.kernels import quant_reference
+
+        return quant_reference.linear(x, w, residual)
     y = F.linear(x, w)
     return y if residual is None else residual.add_(y)
+
+
+def top_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per token of ``scores`` [T, V], the indices of its k largest values (ties: the lower index
+    first), best first: [T, min(k, V)]."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def head_rows(x: torch.Tensor, head: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The routed output head's exact rows: ``logits`` [T, V] holds cheap (shadow) logits; the k rows
+    per token that score highest there (``top_rows``) are set, in place, to their exact logits
+    x[t] . head[row] (x [T, H], head [V, H] float32). Returns the rows, [T, k]."""
+    idx = top_rows(logits, k)
+    for t in range(x.shape[0]):
+        logits[t, idx[t]] = head[idx[t]] @ x[t]
+    return idx
 
 
 def linear_multi(x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:

@@ -51,6 +51,7 @@ def _interpreting() -> bool:
 # Dense products: cuBLAS GEMV/GEMM already reads each weight once.
 linear = reference.linear
 linear_multi = reference.linear_multi
+head_rows = reference.head_rows
 gate_up_silu = reference.gate_up_silu
 rmsnorm = reference.rmsnorm
 dense_ffn = reference.dense_ffn

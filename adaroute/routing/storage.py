@@ -153,6 +153,7 @@ def build_routed(meta: dict[str, Any]) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     layers = [e["layer"] for e in meta["layers"]]
     mods = route_model(model, group_size=int(meta["router"]["group_size"]), layers=layers)
+    model.adaroute_head_rows = head_rows(meta)
     exact = meta["router"].get("kind") == "exact"
     for m, entry in zip(mods, meta["layers"], strict=True):
         object.__setattr__(m, "original", None)  # a loaded model has no dense original to restore
@@ -164,6 +165,12 @@ def build_routed(meta: dict[str, Any]) -> nn.Module:
         if exact:
             m.router = ExactRouter(m, m.router.unit_bias)
     return model
+
+
+def head_rows(meta: dict[str, Any]) -> int:
+    """Exact rows per token of the routed output head a directory asks for (0: the exact head;
+    directories written before the routed head have none)."""
+    return int(meta.get("routing", {}).get("head_rows", 0))
 
 
 def layer_policy(entry: dict[str, Any], units: int) -> UnitPolicy:

@@ -105,7 +105,8 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     """``ModelWeights`` of a routed directory from its files alone (checked as ``load_routed`` checks
     them). ``policies``: one object per routed layer holding its policy (``RoutedMLP`` modules of the
     same directory loaded as a model); default ``UnitPolicy`` objects from config.json."""
-    from adaroute.routing.storage import layer_policy, read_meta
+    from adaroute.routing.storage import head_rows, layer_policy, read_meta
+    from adaroute.runtime.head import routed_head
     from adaroute.routing.validation import WEIGHTS, check_safetensors
 
     path = Path(directory)
@@ -152,7 +153,8 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     cos, sin = _rope(base, max_positions or base["max_position_embeddings"], head_dim)
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, head=head, n_heads=n_heads,
                         n_kv_heads=base.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                        eps=float(base["rms_norm_eps"]), rope_cos=cos, rope_sin=sin)
+                        eps=float(base["rms_norm_eps"]), rope_cos=cos, rope_sin=sin,
+                        routed_head=routed_head(head, head_rows(meta)))
 
 
 def _rope(base: dict, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

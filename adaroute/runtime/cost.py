@@ -9,6 +9,9 @@ routed FFN runs dense (every unit: no router, no adapter) or sparse at density d
                             down projection whole (``RoutedFFN.dense_down``) or d · its rows
     routing adapter         w_in + w_out + d · w_units (sparse only)
 
+and the output head whole, or, routed with the FFNs (``adaroute.runtime.head``), its 4-bit shadow and
+the K rows computed exactly.
+
 FLOPs count a multiply-add as 2 and cover the weight products only (attention over the cache and
 the norms are left out): a dense FFN does 6FH; a sparse one d · 6FH plus the shadow's 4FH integer
 products, or, with the exact router, 4FH for gate and up plus 2FH (whole down) or d · 2FH for down;
@@ -91,8 +94,18 @@ def token_cost(w: ModelWeights, density: float | Mapping[int, float] | None = No
         for part in ("ffn", "router", "adapter"):
             nbytes[part] += b[part]
             flops[part] += f[part]
-    nbytes["head"], flops["head"] = _bytes(w.head), 2 * _params(w.head)
+    nbytes["head"], flops["head"] = head_cost(w, routed=density is not None)
     return nbytes, flops
+
+
+def head_cost(w: ModelWeights, routed: bool) -> tuple[float, float]:
+    """(bytes, FLOPs) of the output head per token: the whole head, or with a routed head running
+    (``adaroute.runtime.head``) its 4-bit shadow plus K exact rows."""
+    h = w.routed_head
+    if h is None or not routed:
+        return _bytes(w.head), 2 * _params(w.head)
+    row_bytes = _bytes(w.head) / w.head.shape[0]
+    return _bytes(h.shadow) + h.rows * row_bytes, 2 * _params(h.shadow) + 2 * h.rows * w.head.shape[1]
 
 
 def weight_bytes(w: ModelWeights, density: float | Mapping[int, float] | None = None) -> dict[str, int]:

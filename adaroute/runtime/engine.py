@@ -145,7 +145,11 @@ class Engine:
         cache.advance(t)
         x = x.view(b, t, -1) if all_logits else x.view(b, t, -1)[:, -1]  # [B, (T,) H]
         x = self.kernel.rmsnorm(x.reshape(-1, self.w.hidden).contiguous(), self.w.final_norm, self.w.eps)
-        logits = self.kernel.linear(x, self.w.head)  # [B*(T), V]
+        head = self.w.routed_head
+        if head is not None and not self.policy.dense:  # the output head routed with the FFNs
+            logits = head.logits(self.kernel, x, self.w.head)
+        else:
+            logits = self.kernel.linear(x, self.w.head)  # [B*(T), V]
         return logits.view(b, t, -1) if all_logits else logits
 
     def sparse_limits(self) -> list[int]:

@@ -17,6 +17,7 @@ Nothing here imports torch at module level (``runtime_weights`` imports the runt
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from adaroute.errors import AdarouteError
@@ -100,7 +101,10 @@ def runtime_weights(model, fmt: str | None, max_positions: int | None = None):
     fmt = parse_format(fmt)
     weights = from_model(model, max_positions)
     if fmt == F32:
-        return weights
+        from adaroute.runtime.head import routed_head
+
+        rows = getattr(model, "adaroute_head_rows", 0)
+        return dataclasses.replace(weights, routed_head=routed_head(weights.head, rows)) if rows else weights
     from adaroute.runtime.quant_weights import quantise
 
     _check_blocks(weights, fmt)

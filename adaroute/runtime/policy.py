@@ -68,6 +68,11 @@ class ExecutionPolicy:
             t += 1
         return t
 
+    @property
+    def dense(self) -> bool:
+        """Nothing ever runs sparse (``always_dense``): the engine is the original model."""
+        return self.sparse_max_tokens == 0
+
     def sparse(self, tokens_in_flight: int) -> bool:
         """Whether a layer of unknown density runs sparse (the fixed crossover, or one token)."""
         return tokens_in_flight <= self.layer_max_tokens(None, 0.0)

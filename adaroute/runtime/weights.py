@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from adaroute.kernels.reference import Adapter, is_unit_packed
+from adaroute.runtime.head import RoutedHead
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class ModelWeights:
     eps: float
     rope_cos: torch.Tensor  # [S, D]
     rope_sin: torch.Tensor  # [S, D]
+    routed_head: RoutedHead | None = None  # the head's routed form, used where the FFNs run routed
 
     @property
     def hidden(self) -> int:
