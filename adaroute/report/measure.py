@@ -79,7 +79,8 @@ def _dense_row(oracle: bool) -> dict:
     exact = {"perplexity_ratio": 1.0, "top1_agreement": 1.0, "mean_density": 1.0, "ffn_bytes_share": 1.0,
              "ffn_flops_share": 1.0, "tokens": 0}
     cost = ("ffn_bytes_share", "ffn_flops_share")
-    return {"density": 1.0, "learned": exact, "oracle": {k: v for k, v in exact.items() if k not in cost} if oracle else None}
+    oracle_record = {k: v for k, v in exact.items() if k not in cost} if oracle else None
+    return {"density": 1.0, "learned": exact, "oracle": oracle_record}
 
 
 def _curve_row(point: dict) -> dict:

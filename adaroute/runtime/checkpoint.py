@@ -106,8 +106,8 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     them). ``policies``: one object per routed layer holding its policy (``RoutedMLP`` modules of the
     same directory loaded as a model); default ``UnitPolicy`` objects from config.json."""
     from adaroute.routing.storage import head_rows, layer_policy, read_meta
-    from adaroute.runtime.head import routed_head
     from adaroute.routing.validation import WEIGHTS, check_safetensors
+    from adaroute.runtime.head import routed_head
 
     path = Path(directory)
     meta = read_meta(path)

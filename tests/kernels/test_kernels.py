@@ -142,7 +142,8 @@ def test_g16_layout_holds_the_shadow_and_follows_changes():
                 for c in range(h // 8):
                     for k in range(4):
                         byte = int(packed[r, part * 8 * h + (c * 16 + lane) * 4 + k])
-                        want = (codes[rows + unit][8 * c + k], codes[rows + unit][8 * c + 4 + k]) if unit < f else (0, 0)
+                        row = codes[rows + unit] if unit < f else None
+                        want = (row[8 * c + k], row[8 * c + 4 + k]) if row is not None else (0, 0)
                         assert (byte & 0xF, byte >> 4) == want
                 for grp in range(groups):
                     want = float(s[rows + unit, grp]) if unit < f else 0.0

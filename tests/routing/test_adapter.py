@@ -79,7 +79,8 @@ def test_adapter_bytes_are_counted_in_the_cost():
     m = mods[0]
     with_adapter = cost_shares(model, mods, {x.layer_idx: 0.5 for x in mods})
     # 3 r H fixed + d * 3 F r per token and layer
-    expected = len(mods) * 4 * (3 * 4 * m.hidden + 0.5 * 3 * m.units * 4) / sum(3 * x.units * x.hidden * 4 for x in mods)
+    dense = sum(3 * x.units * x.hidden * 4 for x in mods)
+    expected = len(mods) * 4 * (3 * 4 * m.hidden + 0.5 * 3 * m.units * 4) / dense
     assert abs(with_adapter["adapter_bytes_share"] - expected) < 1e-12
     m.set_policy(LayerPolicy.dense(m.units))
     dense_layer = cost_shares(model, mods[:1], {m.layer_idx: 1.0})

@@ -71,7 +71,8 @@ def test_engine_logits_are_the_shadows_with_the_best_rows_exact(adapted, kernel,
     routed_w = _with_head(w, 24)
     seen = []  # the hidden states the routed head reads (after the final norm)
     logits = RoutedHead.logits
-    monkeypatch.setattr(RoutedHead, "logits", lambda self, k, x, head: seen.append(x.clone()) or logits(self, k, x, head))
+    monkeypatch.setattr(RoutedHead, "logits",
+                        lambda self, k, x, head: seen.append(x.clone()) or logits(self, k, x, head))
     ids = torch.arange(3, 19)[None]
     routed = _logits(routed_w, ids, ExecutionPolicy.always_sparse(), kernel)
     exact = _logits(w, ids, ExecutionPolicy.always_sparse(), kernel)  # the same FFNs, the exact head
