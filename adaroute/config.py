@@ -31,7 +31,8 @@ class RoutingConfig:
     layer_min_density / layer_max_density: bounds on any one layer's mean density when allocating.
     group_size:    hidden-dim group of the int4 router shadow (must divide the hidden size).
     head_rows:     routed output head (``adaroute.runtime.head``): exact logits for this many vocabulary
-                   rows per token, the rest from the head's 4-bit shadow; 0 = the exact head.
+                   rows per token, the rest from the head's 8-bit shadow; 0 = the exact head. Float32
+                   models only (a q8/q4 conversion stores 0).
     """
 
     density: float = 0.5
@@ -42,7 +43,7 @@ class RoutingConfig:
     layer_min_density: float = 0.15
     layer_max_density: float = 1.0
     group_size: int = 32
-    head_rows: int = 0
+    head_rows: int = 256
 
     def __post_init__(self) -> None:
         _check(0.0 < self.density <= 1.0, "density", f"must be in (0, 1], got {self.density}")

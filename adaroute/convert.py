@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ def convert(
     from adaroute.runtime.formats import parse_format
 
     routing = routing or RoutingConfig(density=density)
+    if parse_format(weights) != "f32" and routing.head_rows:  # a block head stays exact (runtime.head)
+        routing = dataclasses.replace(routing, head_rows=0)
     train = train or TrainConfig.from_name(preset)
     weights = parse_format(weights)
     specs = [calib] if isinstance(calib, str) else list(calib)

@@ -44,10 +44,13 @@ head_rows.__name__ = "row count (0 or more)"
 
 def add_head_rows_arg(parser, converting: bool = False) -> None:
     """``--head-rows``: the routed output head (``adaroute.runtime.head``), float32 models only."""
+    from adaroute.config import RoutingConfig
+
     what = ("routed output head: exact logits for N vocabulary rows per token, the rest from the head's "
-            "4-bit shadow (f32 only; 0 = the exact head)")
-    parser.add_argument("--head-rows", type=head_rows, default=0 if converting else None, metavar="N",
-                        help=what + (" (default 0)" if converting else "; overrides the routed directory's"))
+            "8-bit shadow (f32 only; 0 = the exact head)")
+    parser.add_argument("--head-rows", type=head_rows, default=None, metavar="N",
+                        help=what + (f" (default {RoutingConfig.head_rows} at f32)" if converting
+                                     else "; overrides the routed directory's"))
 
 
 def apply_head_rows(model, info, rows: int | None, fmt: str) -> None:

@@ -57,7 +57,8 @@ def run(args) -> int:
 
     try:
         routing = RoutingConfig(density=args.density, policy=args.policy, allocation=args.allocation,
-                                layer_min_density=min(0.15, args.density), head_rows=args.head_rows)
+                                layer_min_density=min(0.15, args.density),
+                                **({} if args.head_rows is None else {"head_rows": args.head_rows}))
         overrides = {"seed": args.seed} | ({"calib_tokens": args.calib_tokens} if args.calib_tokens else {})
         overrides |= _adapt_overrides(args, TrainConfig.from_name(args.preset))
         train = TrainConfig.from_name(args.preset, **overrides)

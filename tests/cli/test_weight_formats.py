@@ -240,11 +240,17 @@ def test_eval_routed_directory_runs_at_its_recorded_format(q8_dir, f32_dir, text
     for key in ("perplexity_dense", "perplexity_routed", "mean_density"):
         assert again[key] == pytest.approx(rec[key], rel=1e-4), key
 
-    # --weights f32 on the float32 directory: the loaded model computes them, as before formats existed
+    # --weights f32 on the float32 directory: its routed output head runs in the runtime engine; with
+    # --head-rows 0 (the exact head) the loaded model computes them, as before formats existed
     f32 = tmp_path / "f32.json"
     assert main(["eval", str(f32_dir), "--data", text_file, "--max-tokens", "96", "--window", "32",
                  "--weights", "f32", "--json", str(f32)]) == 0
-    assert "weights:" not in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "weights:" not in out_text and "routed head: 256 exact rows per token" in out_text
+    assert json.loads(f32.read_text())["results"][0]["weights"] == "f32"
+    assert main(["eval", str(f32_dir), "--data", text_file, "--max-tokens", "96", "--window", "32",
+                 "--weights", "f32", "--head-rows", "0", "--json", str(f32)]) == 0
+    assert "routed head" not in capsys.readouterr().out
     ref = json.loads(f32.read_text())
     assert ref["weights"] == "f32" and "weights" not in ref["results"][0]
     assert ref["results"][0]["perplexity_dense"] != pytest.approx(rec["perplexity_dense"], rel=1e-3)

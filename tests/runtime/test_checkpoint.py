@@ -115,7 +115,9 @@ def test_a_block_directory_loads_as_a_dequantised_module_that_runs_only_at_its_f
 def test_a_float32_directory_read_from_its_file_equals_the_loaded_model(adapted, tmp_path, tiny_ids):
     save_routed(adapted, make_tiny_tokenizer(), tmp_path, "tiny", RoutingConfig())
     loaded, _ = load_routed(tmp_path)
-    a, b = from_model(loaded), load_weights(tmp_path)
+    a, b = runtime_weights(loaded, None), load_weights(tmp_path)  # both with the routed head it asks for
+    assert a.routed_head.rows == b.routed_head.rows == 256
+    assert torch.equal(a.routed_head.shadow.data, b.routed_head.shadow.data)
     for (name, x), (_, y) in zip(_matrices(a), _matrices(b), strict=True):
         assert torch.equal(x, y), name
     # the default RoPE written out == the family's rotary module, bit for bit

@@ -124,7 +124,7 @@ def test_cost_counts_the_shadow_and_the_exact_rows_when_routed(adapted):
     w = from_model(adapted)
     routed = _with_head(w, 10)
     v, h = w.head.shape
-    assert cost.weight_bytes(routed, 0.5)["head"] == v * h // 32 * 20 + 10 * h * 4  # q4_1 blocks + K float rows
+    assert cost.weight_bytes(routed, 0.5)["head"] == v * h // 32 * 34 + 10 * h * 4  # q8_0 blocks + K float rows
     assert cost.weight_bytes(routed, None)["head"] == v * h * 4 == cost.weight_bytes(w, 0.5)["head"]
     assert cost.token_cost(routed, 0.5)[1]["head"] == 2 * v * h + 2 * 10 * h
 
