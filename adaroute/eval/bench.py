@@ -194,7 +194,7 @@ def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = N
     held += engine.made_tensors if routed else []  # the dense engine never reads the routers' layout
     held += [w.routed_head.shadow] if routed and w.routed_head is not None else []  # nor the head's shadow
     return BenchEngine(name or ("adaroute-routed" if routed else "adaroute-dense"), run, _tensor_bytes(held),
-                       lambda: sum(w.weight_bytes(density()).values()), density, reset)
+                       lambda: sum(w.weight_bytes(density(), routed_head=routed).values()), density, reset)
 
 
 def _layer_tensors(layer, router: bool = True) -> list[torch.Tensor]:

@@ -81,9 +81,12 @@ def _layer_density(density: float | Mapping[int, float] | None, i: int) -> float
     return density.get(i) if isinstance(density, Mapping) else density
 
 
-def token_cost(w: ModelWeights, density: float | Mapping[int, float] | None = None) -> tuple[dict, dict]:
+def token_cost(w: ModelWeights, density: float | Mapping[int, float] | None = None,
+               routed_head: bool | None = None) -> tuple[dict, dict]:
     """(bytes, FLOPs) per decoded token by part (``PARTS``). Routed FFNs run sparse at ``density`` (one
-    number, or per layer index; a layer missing from the mapping runs dense), or dense with None."""
+    number, or per layer index; a layer missing from the mapping runs dense), or dense with None.
+    ``routed_head``: whether a routed head (if any) runs; None = where the FFNs run sparse (a routed
+    engine also routes the head when a batch runs its layers dense)."""
     nbytes = dict.fromkeys(PARTS, 0.0)
     flops = dict.fromkeys(PARTS, 0.0)
     for i, ly in enumerate(w.layers):
@@ -94,7 +97,7 @@ def token_cost(w: ModelWeights, density: float | Mapping[int, float] | None = No
         for part in ("ffn", "router", "adapter"):
             nbytes[part] += b[part]
             flops[part] += f[part]
-    nbytes["head"], flops["head"] = head_cost(w, routed=density is not None)
+    nbytes["head"], flops["head"] = head_cost(w, routed=density is not None if routed_head is None else routed_head)
     return nbytes, flops
 
 
@@ -108,9 +111,10 @@ def head_cost(w: ModelWeights, routed: bool) -> tuple[float, float]:
     return _bytes(h.shadow) + h.rows * row_bytes, 2 * _params(h.shadow) + 2 * h.rows * w.head.shape[1]
 
 
-def weight_bytes(w: ModelWeights, density: float | Mapping[int, float] | None = None) -> dict[str, int]:
+def weight_bytes(w: ModelWeights, density: float | Mapping[int, float] | None = None,
+                 routed_head: bool | None = None) -> dict[str, int]:
     """Bytes of weights read to decode one token, by part (``token_cost``'s bytes, whole bytes)."""
-    return {part: int(v) for part, v in token_cost(w, density)[0].items()}
+    return {part: int(v) for part, v in token_cost(w, density, routed_head)[0].items()}
 
 
 def ffn_shares(w: ModelWeights, layer_density: Mapping[int, float], dense_layers=frozenset()) -> dict[str, float]:

@@ -109,12 +109,12 @@ class ModelWeights:
     def routed(self) -> bool:
         return any(isinstance(layer.ffn, RoutedFFN) for layer in self.layers)
 
-    def weight_bytes(self, density: float | None = None) -> dict[str, int]:
+    def weight_bytes(self, density: float | None = None, routed_head: bool | None = None) -> dict[str, int]:
         """Bytes of weights read to decode one token, by part; routed FFNs sparse at ``density`` (router
         included) or, with None, dense (router not read). Counted by ``adaroute.runtime.cost``."""
         from adaroute.runtime.cost import weight_bytes
 
-        return weight_bytes(self, density)
+        return weight_bytes(self, density, routed_head)
 
 
 def is_routed_mlp(mlp: nn.Module) -> bool:

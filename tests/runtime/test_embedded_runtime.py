@@ -21,3 +21,29 @@ def test_greedy_tokens_equal_transformers_on_embedded_model(embedded):
                             pad_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
         ours = generate(engine, [prompt], 40, stop_tokens=stops).tokens[0]
         assert len(ours) >= 32 and ours == hf, text
+
+
+@pytest.mark.slow
+def test_routed_head_decodes_the_exact_heads_tokens_on_embedded_model(embedded):
+    """The embedded model's head through its routed form (q8_0 shadow, 256 exact rows), every FFN dense:
+    the same greedy tokens, and per step logits equal to the exact head's in the rows that decide."""
+    import dataclasses
+
+    from adaroute.runtime import ExecutionPolicy
+    from adaroute.runtime.head import routed_head
+
+    model, tokenizer = embedded
+    exact = Engine.from_model(model)
+    w = exact.w
+    routed = Engine(dataclasses.replace(w, routed_head=routed_head(w.head, 256)), policy=ExecutionPolicy(1))
+    assert routed.w.layers[0].ffn is w.layers[0].ffn  # a dense model: only the head differs
+    stops = stop_tokens_for(tokenizer, model)
+    for text in PROMPTS:
+        prompt = chat_prompt_ids(tokenizer, text)
+        want = generate(exact, [prompt], 40, stop_tokens=stops).tokens[0]
+        assert generate(routed, [prompt], 40, stop_tokens=stops).tokens[0] == want, text
+    ids = torch.tensor([chat_prompt_ids(tokenizer, PROMPTS[0])])
+    a = exact.forward(ids, exact.new_cache(1, ids.shape[1]), all_logits=True)[0]
+    b = routed.forward(ids, routed.new_cache(1, ids.shape[1]), all_logits=True)[0]
+    top = a.topk(16, -1).indices
+    torch.testing.assert_close(b.gather(1, top), a.gather(1, top), rtol=1e-5, atol=1e-4)

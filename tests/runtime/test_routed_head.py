@@ -126,6 +126,8 @@ def test_cost_counts_the_shadow_and_the_exact_rows_when_routed(adapted):
     v, h = w.head.shape
     assert cost.weight_bytes(routed, 0.5)["head"] == v * h // 32 * 34 + 10 * h * 4  # q8_0 blocks + K float rows
     assert cost.weight_bytes(routed, None)["head"] == v * h * 4 == cost.weight_bytes(w, 0.5)["head"]
+    # a routed engine routes the head also when a batch runs every layer dense
+    assert cost.weight_bytes(routed, None, routed_head=True)["head"] == cost.weight_bytes(routed, 0.5)["head"]
     assert cost.token_cost(routed, 0.5)[1]["head"] == 2 * v * h + 2 * 10 * h
 
 
