@@ -112,15 +112,6 @@ class RssSampler:
 
 # -- engines -------------------------------------------------------------------------------------
 
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 @contextmanager
 def _dense_routing(model: nn.Module):
     """Temporarily give every routed layer the dense policy (for the transformers baseline)."""
@@ -158,7 +149,9 @@ def hf_eager_engine(model: nn.Module, bytes_per_step: Callable[[], int | None] |
         steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
         return Run(ids.numel(), ids.shape[0], clock.times[0] - start, steps)
 
-    weights = _tensor_bytes(model.parameters())
+    from adaroute.runtime.cost import distinct_bytes
+
+    weights = distinct_bytes(model.parameters())
     return BenchEngine("transformers-eager", generate, weights, bytes_per_step or (lambda: weights))
 
 
@@ -166,6 +159,7 @@ def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = N
                    weights=None) -> BenchEngine:
     """The runtime on ``model``'s weights, or on ``weights`` (a ``ModelWeights``, e.g. a GGUF's blocks)."""
     from adaroute.runtime import Engine, ExecutionPolicy, UnitCounter, generate
+    from adaroute.runtime.cost import distinct_bytes, held_tensors
     from adaroute.runtime.formats import runtime_weights
 
     policy = ExecutionPolicy() if routed else ExecutionPolicy.always_dense()
@@ -190,21 +184,9 @@ def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = N
             engine.counter = counter
 
     w = engine.w
-    held = [w.embed, w.head, w.final_norm] + [t for ly in w.layers for t in _layer_tensors(ly, router=routed)]
-    held += engine.made_tensors if routed else []  # the dense engine never reads the routers' layout
-    held += [w.routed_head.shadow] if routed and w.routed_head is not None else []  # nor the head's shadow
-    return BenchEngine(name or ("adaroute-routed" if routed else "adaroute-dense"), run, _tensor_bytes(held),
+    held = held_tensors(w, routed) + (engine.made_tensors if routed else [])  # the dense one reads no router
+    return BenchEngine(name or ("adaroute-routed" if routed else "adaroute-dense"), run, distinct_bytes(held),
                        lambda: sum(w.weight_bytes(density(), routed_head=routed).values()), density, reset)
-
-
-def _layer_tensors(layer, router: bool = True) -> list[torch.Tensor]:
-    skip = {"module"} if router else {"module", "shadow_q", "shadow_scale", "unit_bias", "adapter"}
-    ffn = []
-    for name in layer.ffn.__dataclass_fields__:
-        value = None if name in skip else getattr(layer.ffn, name)
-        if value is not None:  # an adapter is a tuple of tensors; a layer without one holds None
-            ffn += list(value) if isinstance(value, tuple) else [value]
-    return [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.mlp_norm, *ffn]
 
 
 def llama_cpp_engine(gguf_path: str, threads: int, max_len: int) -> BenchEngine | None:

@@ -199,10 +199,11 @@ def unit_ffn(x, w_gate, w_up, w_down_t, mask=None, residual=None) -> torch.Tenso
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
                min_units: int, max_units: int, residual=None,
                adapter: reference.Adapter | None = None,
-               usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               usage: torch.Tensor | None = None, scoring_copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused score -> select -> compute (with the routing adapter's low-rank terms for the selected
     units when given). Returns (y [T, H], counts [T] int64); adds the selection to ``usage`` [F] (int64,
-    contiguous) when given, as ``reference.add_usage``."""
+    contiguous) when given, as ``reference.add_usage``. ``scoring_copy``: score from the shadow's g16
+    copy (``shadow_g16``, made on first use and kept), or, False, from its rows (no copy; slower)."""
     if is_quant(w_gate):
         return quant_cpu.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
                                     min_units, max_units, residual, usage, adapter)
@@ -213,7 +214,8 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
         return reference.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias,
                                     threshold, min_units, max_units, residual, adapter, usage)
     return _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold,
-                        min_units, max_units, residual, all_units=False, adapter=adapter, usage=usage)
+                        min_units, max_units, residual, all_units=False, adapter=adapter, usage=usage,
+                        scoring_copy=scoring_copy)
 
 
 def router_scores(x, shadow_q, shadow_scale, unit_bias) -> torch.Tensor:
@@ -260,7 +262,7 @@ def usage_ptr(usage: torch.Tensor | None, units: int) -> int | None:
 
 def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units,
                  max_units, residual, all_units: bool, adapter: reference.Adapter | None = None,
-                 usage: torch.Tensor | None = None):
+                 usage: torch.Tensor | None = None, scoring_copy: bool = True):
     t, h = x.shape
     f = w_gate.shape[0]
     y = residual if residual is not None else torch.empty(t, h, dtype=x.dtype)  # [T, H]
@@ -270,7 +272,7 @@ def _routed_call(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, t
         shadow_q.data_ptr(), shadow_scale.data_ptr(), _group_size(x, shadow_scale), unit_bias.data_ptr(),
         float(threshold), int(min_units), int(max_units), int(all_units), y.data_ptr(), counts.data_ptr(),
         int(residual is not None), _threads(), *_adapter_args(adapter), usage_ptr(usage, f),
-        None if all_units else shadow_g16(shadow_q, shadow_scale).data_ptr())
+        None if all_units or not scoring_copy else shadow_g16(shadow_q, shadow_scale).data_ptr())
     return y, counts
 
 

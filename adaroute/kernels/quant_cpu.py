@@ -138,7 +138,8 @@ def unit_ffn(x, w_gate: QuantWeight, w_up: QuantWeight, w_down_t: QuantWeight, m
 
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float, min_units: int,
-               max_units: int, residual=None, usage: torch.Tensor | None = None, adapter=None):
+               max_units: int, residual=None, usage: torch.Tensor | None = None, adapter=None,
+               scoring_copy: bool = True):
     """Score -> select -> the selected quantised units. Scores from the int4 shadow (as
     ``reference.router_scores``) or, when ``shadow_q`` is empty, from exact gate and up
     (``quant_reference.exact_scores``: every gate/up row is read). ``w_down_t``: the down columns
@@ -148,7 +149,7 @@ def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, thr
     int64: the selection is added to it, as ``reference.add_usage``. ``adapter``
     (``reference.Adapter``; exact router only; held in float16, a float32 one rounded to it): its
     low-rank terms for the selected units, as ``reference.unit_ffn`` applies them, on the activations
-    the g16 products saw."""
+    the g16 products saw. ``scoring_copy``: the float32 kernels' layout choice, not used here."""
     return _routed(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units, max_units,
                    residual, all_units=False, usage=usage, adapter=adapter)
 

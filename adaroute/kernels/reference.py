@@ -272,10 +272,12 @@ def unit_ffn(x, w_gate, w_up, w_down_t, mask: torch.Tensor | None = None, residu
 
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
                min_units: int, max_units: int, residual=None,
-               adapter: Adapter | None = None, usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               adapter: Adapter | None = None, usage: torch.Tensor | None = None,
+               scoring_copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed FFN: returns (y [T, H], counts [T] int64 of units computed per token). The adapter, when
     given, corrects only the selected units (the dense path, ``unit_ffn`` without one, stays the base).
-    ``usage`` [F] int64, when given, gets the selection added (``add_usage``)."""
+    ``usage`` [F] int64, when given, gets the selection added (``add_usage``). ``scoring_copy`` is the
+    compiled kernels' layout choice (``cpu.routed_ffn``); the reference has one layout."""
     mask = select_units(router_scores(x, shadow_q, shadow_scale, unit_bias), threshold, min_units, max_units)
     y = unit_ffn(x, w_gate, w_up, w_down_t, mask, residual, adapter)
     add_usage(usage, mask)

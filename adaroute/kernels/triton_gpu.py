@@ -79,9 +79,9 @@ def select_units(scores: torch.Tensor, threshold: float, min_units: int, max_uni
 def routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold: float,
                min_units: int, max_units: int, residual=None,
                adapter: reference.Adapter | None = None,
-               usage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               usage: torch.Tensor | None = None, scoring_copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Score -> select -> gather-compute. Returns (y [T, H], counts [T] int64); ``usage`` [F] as in
-    ``reference.add_usage``. With a routing
+    ``reference.add_usage`` (``scoring_copy``: the CPU kernels' layout choice, not used here). With a routing
     adapter the selection is the same and the masked FFN with its low-rank terms runs in PyTorch
     (on the GPU when x is there): correct, not yet fused into the gather kernel."""
     if triton is None or not (x.is_cuda or _interpreting()) or adapter is not None:

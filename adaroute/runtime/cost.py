@@ -26,6 +26,9 @@ from collections.abc import Mapping
 from adaroute.runtime.weights import DenseFFN, ModelWeights, RoutedFFN
 
 PARTS = ("attention", "ffn", "router", "adapter", "head")
+# A routed engine holds at most this share more weight bytes than the dense engine on the same model
+# (the sparse runtime's memory promise); ``scoring_copy_fits`` spends what is left of it.
+MEMORY_BUDGET = 0.15
 
 
 def _bytes(*ts) -> int:
@@ -132,3 +135,53 @@ def ffn_shares(w: ModelWeights, layer_density: Mapping[int, float], dense_layers
         return {"ffn_bytes_share": 1.0, "router_bytes_share": 0.0, "adapter_bytes_share": 0.0, "ffn_flops_share": 1.0}
     return {"ffn_bytes_share": ffn_b / dense_b, "router_bytes_share": router_b / dense_b,
             "adapter_bytes_share": adapter_b / dense_b, "ffn_flops_share": ffn_f / dense_f}
+
+
+def _layer_tensors(layer, routed: bool) -> list:
+    """The tensors of one layer an engine holds (a dense one skips the router and the adapter)."""
+    skip = {"module"} if routed else {"module", "shadow_q", "shadow_scale", "unit_bias", "adapter"}
+    ffn = []
+    for name in layer.ffn.__dataclass_fields__:
+        value = None if name in skip else getattr(layer.ffn, name)
+        if value is not None:  # an adapter is a tuple of tensors; a layer without one holds None
+            ffn += list(value) if isinstance(value, tuple) else [value]
+    return [layer.attn_norm, layer.wq, layer.wk, layer.wv, layer.wo, layer.mlp_norm, *ffn]
+
+
+def held_tensors(w: ModelWeights, routed: bool) -> list:
+    """The weights an engine on ``w`` holds: every matrix and norm, and for a routed engine also the
+    routers, adapters and the routed head's shadow."""
+    held = [w.embed, w.head, w.final_norm] + [t for ly in w.layers for t in _layer_tensors(ly, routed)]
+    return held + ([w.routed_head.shadow] if routed and w.routed_head is not None else [])
+
+
+def distinct_bytes(tensors) -> int:
+    """Bytes of ``tensors``, each storage counted once (a tied head is the embedding)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def scoring_copy_bytes(w: ModelWeights) -> int:
+    """Bytes of the g16 copies of the float32 routers' int4 shadows (``kernels.cpu.shadow_g16``: per 16
+    units, 16 H bytes of codes and 128 bytes of scales per scale group)."""
+    total = 0
+    for ly in w.layers:
+        f = ly.ffn
+        if isinstance(f, RoutedFFN) and f.shadow_q.numel():
+            units, hidden = f.w_gate.shape
+            total += -(-units // 16) * (16 * hidden + 128 * f.shadow_scale.shape[1])
+    return total
+
+
+def scoring_copy_fits(w: ModelWeights) -> bool:
+    """Whether a routed engine may keep g16 copies of its shadows for scoring (4-5 % of float32 routed
+    decode, docs/perf.md items 25-26): only when, with everything else routing holds, it stays within
+    ``MEMORY_BUDGET`` of the dense engine's weight bytes. The routed head's shadow (18-21 % of decode
+    for about as many bytes) comes first."""
+    dense = distinct_bytes(held_tensors(w, routed=False))
+    routed = distinct_bytes(held_tensors(w, routed=True)) + scoring_copy_bytes(w)
+    return routed <= (1 + MEMORY_BUDGET) * dense

@@ -20,6 +20,7 @@ from torch import nn
 
 from adaroute.kernels import default_kernel, get_kernel
 from adaroute.runtime.attention import attend
+from adaroute.runtime.cost import scoring_copy_fits
 from adaroute.runtime.failsafe import FailSafe
 from adaroute.runtime.kv_cache import KVCache
 from adaroute.runtime.policy import ExecutionPolicy
@@ -64,9 +65,13 @@ class Engine:
         # leaves each token's event code per layer here: [L, N], 0 where it ran as routed.
         self.failsafe = FailSafe(weights) if weights.routed else None
         self.last_failsafe: torch.Tensor | None = None
+        # The routers score from g16 copies of their shadows only while the engine's memory stays
+        # within the budget (``cost.scoring_copy_fits``); otherwise from the rows, with no copy.
+        self.scoring_copy = weights.routed and scoring_copy_fits(weights)
         # The CPU kernels can run every layer of a decode step in one library call (same kernels,
         # no Python between them); None for other kernels and for layers it does not cover.
-        self._fused = fused_decoder(weights) if getattr(self.kernel, "NAME", None) == "cpu" else None
+        cpu = getattr(self.kernel, "NAME", None) == "cpu"
+        self._fused = fused_decoder(weights, self.scoring_copy) if cpu else None
         self._limits_key, self._limits = None, []
         self._usage: torch.Tensor | None = None
 
@@ -185,11 +190,11 @@ class Engine:
             return None
         usage = self._usage[i, :units] if self._usage is not None else None  # [F]
         if self.failsafe is not None and codes is not None:
-            counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i], usage)
+            counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i], usage, self.scoring_copy)
         else:
             _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
                                      ffn.unit_bias, threshold, min_units, max_units, residual=x, adapter=ffn.adapter,
-                                     usage=usage)
+                                     usage=usage, scoring_copy=self.scoring_copy)
         if self.counter is not None:
             self.counter.add(counts, units)
         return counts

@@ -129,10 +129,11 @@ class FailSafe:
                 for n in [self.totals[layer, r]]}
 
     def routed_ffn(self, kernel: ModuleType, ffn: RoutedFFN, h: torch.Tensor, x: torch.Tensor, layer: int,
-                   codes: torch.Tensor, usage: torch.Tensor | None = None) -> torch.Tensor:
+                   codes: torch.Tensor, usage: torch.Tensor | None = None, scoring_copy: bool = True) -> torch.Tensor:
         """The sparse FFN of h [N, H] added to x [N, H] with the fail-safe; returns units per token [N]
         (F for tokens computed densely) and writes each token's event code into codes [N]. ``usage`` [F]
-        gets the router's selection, also for tokens recomputed densely (nothing when the kernel raised)."""
+        gets the router's selection, also for tokens recomputed densely (nothing when the kernel raised).
+        ``scoring_copy``: the kernel's layout choice (``Engine.scoring_copy``)."""
         threshold, min_units, max_units = ffn.policy()
         units = ffn.w_gate.shape[0]
         fault = self.step_faults.get(layer)
@@ -141,8 +142,8 @@ class FailSafe:
             if fault == "raise":
                 raise InjectedFault(f"fault injected into layer {layer}'s sparse kernel")
             y, counts = kernel.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
-                                          bias, threshold, min_units, max_units,
-                                          adapter=ffn.adapter, usage=usage)  # [N, H], [N]
+                                          bias, threshold, min_units, max_units, adapter=ffn.adapter,
+                                          usage=usage, scoring_copy=scoring_copy)  # [N, H], [N]
             if fault == "nan":
                 y[0, 0] = math.nan
             lo, hi = self.bands()[layer]

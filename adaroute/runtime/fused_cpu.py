@@ -49,7 +49,7 @@ class FusedDecoder:
 
     max_tokens = cpu.MAX_GEMV_TOKENS
 
-    def __init__(self, w: ModelWeights, lib):
+    def __init__(self, w: ModelWeights, lib, scoring_copy: bool = True):
         self.w, self._fn = w, lib.ar_decode_layers
         self._fn.argtypes, self._fn.restype = [ctypes.POINTER(ArLayer), ctypes.POINTER(ArStep)], None
         self.layers = (ArLayer * len(w.layers))()
@@ -73,16 +73,17 @@ class FusedDecoder:
                 c.shadow_q, c.shadow_scale, c.unit_bias = (t.data_ptr() for t in (f.shadow_q, f.shadow_scale,
                                                                                    f.unit_bias))
                 c.group_size = cpu._group_size(ly.mlp_norm.view(1, -1), f.shadow_scale)
-                g16 = cpu.shadow_g16(f.shadow_q, f.shadow_scale)  # the scoring layout, made once per shadow
-                self.held.append(g16)
-                c.shadow_g16 = g16.data_ptr()
+                if scoring_copy:  # the scoring layout, made once per shadow (else the rows are scored)
+                    g16 = cpu.shadow_g16(f.shadow_q, f.shadow_scale)
+                    self.held.append(g16)
+                    c.shadow_g16 = g16.data_ptr()
                 if f.adapter is not None:
                     c.a_in, c.a_units, c.a_out = (t.data_ptr() for t in f.adapter)
                     c.adapter_rank = f.adapter.rank
                 self._routed.append((i, f))
 
     @classmethod
-    def build(cls, w: ModelWeights) -> FusedDecoder | None:
+    def build(cls, w: ModelWeights, scoring_copy: bool = True) -> FusedDecoder | None:
         lib = cpu._lib()
         if lib is None or not hasattr(lib, "ar_decode_layers") or w.embed.is_cuda or not w.layers:
             return None
@@ -108,7 +109,7 @@ class FusedDecoder:
                     return None
         if not _plain(w.rope_cos, w.rope_sin):
             return None
-        return cls(w, lib)
+        return cls(w, lib, scoring_copy)
 
     def _refresh(self, limits: list[int]) -> None:
         """Copies the routed layers' policies in; ``Engine.sparse_limits`` hands out a new list

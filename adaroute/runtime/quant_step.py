@@ -40,8 +40,9 @@ def is_quantised(w: ModelWeights) -> bool:
     return any(is_quant(m) for ly in w.layers for m in (ly.wq, ly.ffn.w_gate))
 
 
-def fused_decoder(w: ModelWeights) -> FusedDecoder | None:
-    return QuantDecoder.build(w) if is_quantised(w) else FusedDecoder.build(w)
+def fused_decoder(w: ModelWeights, scoring_copy: bool = True) -> FusedDecoder | None:
+    """``scoring_copy``: the float32 decoder scores from g16 copies of the shadows (``FusedDecoder``)."""
+    return QuantDecoder.build(w) if is_quantised(w) else FusedDecoder.build(w, scoring_copy)
 
 
 def _matrices(ly) -> list:

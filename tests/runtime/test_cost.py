@@ -90,3 +90,32 @@ def test_token_cost_takes_densities_per_layer():
     by_hand = cost.ffn_cost(w.layers[first].ffn, 0.25)[0]["ffn"] + cost.ffn_cost(w.layers[second].ffn, None)[0]["ffn"]
     assert mixed["ffn"] == by_hand
     assert torch.tensor(list(mixed.values())).sum() < sum(cost.token_cost(w, None)[0].values())
+
+
+def test_scoring_copy_bytes_are_the_g16_copies_and_the_budget_decides_it(monkeypatch):
+    import dataclasses
+
+    from adaroute.kernels import cpu
+    from adaroute.runtime import Engine, ExecutionPolicy
+    from adaroute.runtime.head import routed_head
+
+    model, _ = adapted_copy(1, rank=4)
+    w = from_model(model)
+    copies = [cpu.shadow_g16(ly.ffn.shadow_q, ly.ffn.shadow_scale) for ly in w.layers if isinstance(ly.ffn, RoutedFFN)]
+    assert cost.scoring_copy_bytes(w) == nbytes(*copies) > 0
+    dense, routed = (cost.distinct_bytes(cost.held_tensors(w, r)) for r in (False, True))
+    need = (routed + cost.scoring_copy_bytes(w)) / dense - 1  # the share the copies would take the engine to
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    outputs = []
+    for budget, fits in ((need + 0.01, True), (need - 0.01, False)):
+        monkeypatch.setattr(cost, "MEMORY_BUDGET", budget)
+        assert cost.scoring_copy_fits(w) is fits
+        engine = Engine(w, policy=ExecutionPolicy.always_sparse())
+        assert engine.scoring_copy is fits and (len(engine.made_tensors) > 0) is fits
+        cache = engine.new_cache(1, 8)
+        outputs.append(torch.stack([engine.forward(ids[:, i:i + 1], cache)[0] for i in range(8)]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)  # the same scores either way
+    # the routed head's shadow counts against the same budget
+    with_head = dataclasses.replace(w, routed_head=routed_head(w.head, 8))
+    assert cost.distinct_bytes(cost.held_tensors(with_head, True)) == routed + nbytes(with_head.routed_head.shadow)
+    assert cost.distinct_bytes(cost.held_tensors(with_head, False)) == dense

@@ -40,12 +40,12 @@ class RecordingKernel:
         return getattr(cpu, name)
 
     def routed_ffn(self, x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units,
-                   max_units, residual=None, adapter=None, usage=None):
+                   max_units, residual=None, adapter=None, usage=None, scoring_copy=True):
         scores = reference.router_scores(x, shadow_q, shadow_scale, unit_bias)
         mask = reference.select_units(scores, threshold, min_units, max_units)  # [T, F]
         self.masks[self.layer_of[unit_bias.data_ptr()]] += mask.sum(0)
         return cpu.routed_ffn(x, w_gate, w_up, w_down_t, shadow_q, shadow_scale, unit_bias, threshold, min_units,
-                              max_units, residual, adapter, usage)
+                              max_units, residual, adapter, usage, scoring_copy)
 
 
 def new_engine(model, path: str, failsafe: bool = True) -> Engine:
