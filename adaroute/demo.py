@@ -11,7 +11,8 @@ from adaroute.data import load_text
 from adaroute.eval.bench import bench_table
 from adaroute.generate import generate
 from adaroute.models import load_model
-from adaroute.routing.quality import compare_with_dense
+from adaroute.routing.quality import compare_with_dense_runtime
+from adaroute.runtime.formats import runtime_weights
 from adaroute.table import format_table
 
 QUESTION = "In one sentence, what is a Python list comprehension?"
@@ -29,7 +30,9 @@ def run_demo(model_spec: str = "smollm2-135m", max_tokens: int = 4096, density: 
     routed = convert(model, ["builtin:calib"], density=density, preset=preset, tokenizer=tokenizer,
                      base_model=model_spec).model
     print("Comparing quality on builtin:heldout …", flush=True)
-    quality = compare_with_dense(routed, tokenizer, load_text("builtin:heldout").text, 512, max_tokens)
+    # by the runtime engine, which runs the routed output head as decoding does (the module has none)
+    quality = compare_with_dense_runtime(runtime_weights(routed, None, 512), routed, tokenizer,
+                                         load_text("builtin:heldout").text, 512, max_tokens)
     routed_answer = generate(routed, tokenizer, QUESTION, max_new_tokens=new_tokens)
     print("Measuring decode speed (engines interleaved) …", flush=True)
     speed = {r.engine: r for r in bench_table(routed, tokenizer, new_tokens=64)}
