@@ -1,14 +1,15 @@
 """What one runtime feature costs in decode: the same routed model with the feature on and off,
 alternating whole greedy generations through the runtime's generate loop (as `adaroute bench` times them).
 
-    python benchmarks/engine_ab.py --routed DIR --feature adapters|failsafe|usage|head [--rounds 5]
+    python benchmarks/engine_ab.py --routed DIR --feature adapters|failsafe|usage|head|scoring-copy [--rounds 5]
         [--new-tokens 128] [--weights f32|q8|q4] [--head-rows 1024] [--json out/engine_ab-FEATURE.json]
 
 Features: ``adapters`` the routing adapters a routed directory stores (off: the same weights and
 routers without them; the selection does not depend on them, so both read the same units);
 ``failsafe`` the per-token dense fail-safe; ``usage`` the unit-usage counter behind the server's
 imbalance gauge; ``head`` the routed output head with ``--head-rows`` exact rows (off: the exact head;
-float32 only). Both engines share one copy of the weights. The first round is a warm-up; the
+float32 only); ``scoring-copy`` the routers' g16 scoring copy (``Engine.scoring_copy``, on or off
+whatever the memory budget says). Both engines share one copy of the weights. The first round is a warm-up; the
 table gives medians over the rest and the median of each round's on/off ratio, which a machine shared
 with other jobs still measures fairly.
 """
@@ -29,6 +30,7 @@ from adaroute.eval.bench import bench_prompts
 from adaroute.runtime import Engine, ModelWeights, generate
 from adaroute.runtime.formats import runtime_weights
 from adaroute.runtime.head import routed_head
+from adaroute.runtime.quant_step import fused_decoder
 from adaroute.runtime.weights import RoutedFFN
 
 
@@ -46,6 +48,9 @@ def engines(feature: str, w: ModelWeights, head_rows: int = 1024) -> dict[str, E
             raise SystemExit("engine_ab: the routed head runs on a float32 head (use --weights f32)")
         w = dataclasses.replace(w, routed_head=None)
         on, off = Engine(dataclasses.replace(w, routed_head=routed_head(w.head, head_rows))), Engine(w)
+    elif feature == "scoring-copy":
+        for engine, copy in ((on, True), (off, False)):
+            engine.scoring_copy, engine._fused = copy, fused_decoder(w, copy)
     elif feature == "adapters":
         if not any(isinstance(ly.ffn, RoutedFFN) and ly.ffn.adapter is not None for ly in w.layers):
             raise SystemExit("engine_ab: this model has no routing adapters (convert without --no-adapt)")
@@ -60,7 +65,7 @@ def engines(feature: str, w: ModelWeights, head_rows: int = 1024) -> dict[str, E
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--routed", required=True)
-    ap.add_argument("--feature", required=True, choices=["adapters", "failsafe", "usage", "head"])
+    ap.add_argument("--feature", required=True, choices=["adapters", "failsafe", "usage", "head", "scoring-copy"])
     ap.add_argument("--head-rows", type=int, default=1024, help="exact rows per token of the routed head")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
