@@ -8,7 +8,8 @@ Features: ``adapters`` the routing adapters a routed directory stores (off: the 
 routers without them; the selection does not depend on them, so both read the same units);
 ``failsafe`` the per-token dense fail-safe; ``usage`` the unit-usage counter behind the server's
 imbalance gauge; ``head`` the routed output head with ``--head-rows`` exact rows (off: the exact head;
-float32 only); ``scoring-copy`` the routers' g16 scoring copy (``Engine.scoring_copy``, on or off
+float32 only; both engines score as the one with the head may within the memory budget);
+``scoring-copy`` the routers' g16 scoring copy (``Engine.scoring_copy``, on or off
 whatever the memory budget says). Both engines share one copy of the weights. The first round is a warm-up; the
 table gives medians over the rest and the median of each round's on/off ratio, which a machine shared
 with other jobs still measures fairly.
@@ -48,6 +49,7 @@ def engines(feature: str, w: ModelWeights, head_rows: int = 1024) -> dict[str, E
             raise SystemExit("engine_ab: the routed head runs on a float32 head (use --weights f32)")
         w = dataclasses.replace(w, routed_head=None)
         on, off = Engine(dataclasses.replace(w, routed_head=routed_head(w.head, head_rows))), Engine(w)
+        off.scoring_copy, off._fused = on.scoring_copy, fused_decoder(w, on.scoring_copy)  # only the head differs
     elif feature == "scoring-copy":
         for engine, copy in ((on, True), (off, False)):
             engine.scoring_copy, engine._fused = copy, fused_decoder(w, copy)
