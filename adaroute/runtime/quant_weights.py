@@ -189,4 +189,6 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
 
     layers = [dataclasses.replace(ly, wq=q(ly.wq), wk=q(ly.wk), wv=q(ly.wv), wo=q(ly.wo), ffn=ffn(ly.ffn))
               for ly in w.layers]
-    return dataclasses.replace(w, embed=q(w.embed, head_fmt), head=q(w.head, head_fmt), layers=layers)
+    # a routed head routes a float32 head (runtime.head); the quantised head is read whole
+    return dataclasses.replace(w, embed=q(w.embed, head_fmt), head=q(w.head, head_fmt), layers=layers,
+                               routed_head=None)

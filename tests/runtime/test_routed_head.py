@@ -139,3 +139,12 @@ def test_cli_refuses_a_routed_head_where_it_cannot_run(capsys, tmp_path):
     assert "routed models only" in err and "Traceback" not in err
     assert main(["convert", "smollm2-135m", "--head-rows", "-3", "-o", str(tmp_path / "y")]) != 0
     assert "--head-rows" in capsys.readouterr().err
+
+
+def test_quantising_weights_drops_the_routed_head(adapted):
+    from adaroute.runtime.quant_weights import quantise
+
+    q = quantise(_with_head(from_model(adapted), 16), "q8_0")
+    assert q.routed_head is None
+    engine = Engine(q)
+    assert generate(engine, [[3, 4, 5]], 4).tokens[0]  # decodes on the quantised head
