@@ -59,10 +59,10 @@ def convert(
     from adaroute.runtime.formats import parse_format
 
     routing = routing or RoutingConfig(density=density)
-    if parse_format(weights) != "f32" and routing.head_rows:  # a block head stays exact (runtime.head)
-        routing = dataclasses.replace(routing, head_rows=0)
     train = train or TrainConfig.from_name(preset)
     weights = parse_format(weights)
+    if weights != "f32" and routing.head_rows:  # a block head stays exact (runtime.head)
+        routing = dataclasses.replace(routing, head_rows=0)
     specs = [calib] if isinstance(calib, str) else list(calib)
     if output is not None:
         check_convert_output(output, model if isinstance(model, str) else None, specs, force)

@@ -9,7 +9,7 @@ routed FFN runs dense (every unit: no router, no adapter) or sparse at density d
                             down projection whole (``RoutedFFN.dense_down``) or d · its rows
     routing adapter         w_in + w_out + d · w_units (sparse only)
 
-and the output head whole, or, routed with the FFNs (``adaroute.runtime.head``), its 4-bit shadow and
+and the output head whole, or, routed with the FFNs (``adaroute.runtime.head``), its 8-bit shadow and
 the K rows computed exactly.
 
 FLOPs count a multiply-add as 2 and cover the weight products only (attention over the cache and
@@ -106,7 +106,7 @@ def token_cost(w: ModelWeights, density: float | Mapping[int, float] | None = No
 
 def head_cost(w: ModelWeights, routed: bool) -> tuple[float, float]:
     """(bytes, FLOPs) of the output head per token: the whole head, or with a routed head running
-    (``adaroute.runtime.head``) its 4-bit shadow plus K exact rows."""
+    (``adaroute.runtime.head``) its 8-bit shadow plus K exact rows."""
     h = w.routed_head
     if h is None or not routed:
         return _bytes(w.head), 2 * _params(w.head)
@@ -178,9 +178,9 @@ def scoring_copy_bytes(w: ModelWeights) -> int:
 
 
 def scoring_copy_fits(w: ModelWeights) -> bool:
-    """Whether a routed engine may keep g16 copies of its shadows for scoring (4-5 % of float32 routed
+    """Whether a routed engine may keep g16 copies of its shadows for scoring (1-5 % of float32 routed
     decode, docs/perf.md items 25-26): only when, with everything else routing holds, it stays within
-    ``MEMORY_BUDGET`` of the dense engine's weight bytes. The routed head's shadow (18-21 % of decode
+    ``MEMORY_BUDGET`` of the dense engine's weight bytes. The routed head's shadow (19-20 % of decode
     for about as many bytes) comes first."""
     dense = distinct_bytes(held_tensors(w, routed=False))
     routed = distinct_bytes(held_tensors(w, routed=True)) + scoring_copy_bytes(w)
