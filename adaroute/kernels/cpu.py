@@ -49,19 +49,26 @@ _SIGNATURES = {
 }
 
 
-@functools.cache
-def _lib() -> ctypes.CDLL | None:
+def load_kernels(csrc: Path = CSRC) -> ctypes.CDLL:
+    """The kernel library built from the sources in ``csrc`` (built once per source and machine, then
+    cached), its functions typed; raises when it cannot be built. ``benchmarks/kernel_ab.py`` loads an
+    earlier revision's sources beside the current ones this way."""
     from adaroute.kernels._build import load_library  # noqa: PLC0415 (keeps import of the registry cheap)
 
-    try:
-        lib = load_library("adaroute_cpu", SOURCES, [CSRC / "common.h", CSRC / "step.h"])
-    except Exception as err:  # any build or load failure: stay correct, only slower
-        warnings.warn(f"adaroute cpu kernels unavailable ({err}); using the reference kernels", stacklevel=3)
-        return None
+    lib = load_library("adaroute_cpu", [csrc / p.name for p in SOURCES], [csrc / "common.h", csrc / "step.h"])
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     return lib
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    try:
+        return load_kernels()
+    except Exception as err:  # any build or load failure: stay correct, only slower
+        warnings.warn(f"adaroute cpu kernels unavailable ({err}); using the reference kernels", stacklevel=3)
+        return None
 
 
 def _threads() -> int:

@@ -27,7 +27,8 @@ namespace {
 constexpr int kTokBlock = 4;   // tokens sharing one load of a weight row
 constexpr int kMaxTokens = 64; // per call; callers split larger batches
 constexpr int kChunk = 32;     // rows (or units) handed out to a thread at a time
-constexpr int kAhead = 2;      // rows (units) ahead that software prefetch runs
+constexpr int kAhead = 2;      // rows (units) ahead that software prefetch runs in scattered reads
+constexpr int64_t kStreamAhead = 4096;  // floats (16 KB) ahead that prefetch runs in a contiguous stream
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
@@ -50,6 +51,20 @@ inline __m512 vexp(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 #endif
+
+// This thread's share [lo, hi) of m rows: contiguous and equal. Dense decode calls stream their weights
+// at the same pace on every thread, so a static split costs no balance, and it keeps each thread's
+// stream one contiguous run that software prefetch can lead by kStreamAhead (docs/perf.md, item 27).
+inline void thread_share(int64_t m, int64_t& lo, int64_t& hi) {
+  const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+  lo = m * tid / team, hi = m * (tid + 1) / team;
+}
+
+// The row to prefetch while row ``row`` (length k) of a contiguous stream ending at ``end`` is read:
+// kStreamAhead floats on, held inside the stream (its last row once the lead runs past the end).
+inline const float* stream_ahead(const float* row, int64_t k, const float* end) {
+  return std::max(row, std::min(row + kStreamAhead, end - k));
+}
 
 // out[t] = dot(w, x[t]) for NT tokens; x rows are ldx apart.
 // One row at a time, front to back: a single sequential stream is what the hardware prefetcher

@@ -705,9 +705,11 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
         if (all_units) std::fill(counts, counts + nt, f);
       }
       if (!call.correcting) std::fill(acc, acc + stride, 0.0f);
-      const int64_t nu = static_cast<int64_t>(units.size());
-#pragma omp for schedule(dynamic, kChunk) nowait
-      for (int64_t p = 0; p < nu; ++p) call.gather_unit(units[p], units[std::min(p + kAhead, nu - 1)], acc);
+      // Each thread a contiguous share of the list (every unit, for the dense FFN: one stream of rows;
+      // gather_units1's four-unit passes streamed it 10 % slower than this).
+      int64_t lo, hi;
+      thread_share(static_cast<int64_t>(units.size()), lo, hi);
+      for (int64_t p = lo; p < hi; ++p) call.gather_unit(units[p], units[std::min(p + kAhead, hi - 1)], acc);
 #pragma omp barrier
     }
     if (r) {
