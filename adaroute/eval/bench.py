@@ -6,7 +6,8 @@ between them stay meaningful. Throughputs are the median over rounds (each round
 time), latencies are percentiles over every step of every round. Engines:
 
     transformers-eager   ``model.generate`` on the model as loaded (routed layers set dense), float32
-    adaroute-dense       the lean runtime, every FFN dense
+    adaroute-dense       the lean runtime, every FFN dense, in the dense model's own layout (a routed
+                         model's float32 FFNs copied back out of the unit-packed store)
     adaroute-routed      the lean runtime, routed FFNs sparse while decoding (only for routed models)
                          (at a quantised ``weights`` format both are named with it: ``adaroute-dense q4_1``)
     llama.cpp            the same GGUF file through ``llama_cpp``, when that package is importable
@@ -334,12 +335,14 @@ def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int |
     q8/q4 they are named with it (``adaroute-dense q8_0``, ``adaroute-routed q8_0``) and share one set of
     quantised weights. transformers eager always runs the float32 model."""
     from adaroute.runtime.formats import F32, parse_format, runtime_weights
-    from adaroute.runtime.weights import is_routed_mlp
+    from adaroute.runtime.weights import is_routed_mlp, original_layout
 
     fmt = parse_format(weights)
     held = runtime_weights(model, fmt)  # one set of weights for both adaroute engines
     suffix = "" if fmt == F32 else f" {fmt}"
-    dense = runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute-dense{suffix}", weights=held)
+    # the dense model as it was before conversion (a float32 routed model's FFNs back in their own layout)
+    dense = runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute-dense{suffix}",
+                           weights=original_layout(held))
     if fmt == F32:
         eager_bytes = dense.bytes_per_step
     elif getattr(model, "adaroute_blocks", None) is None:  # transformers reads the float32 weights

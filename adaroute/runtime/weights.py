@@ -11,7 +11,7 @@ module keeps a handle on that module: its policy (threshold, guards) is read at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -169,6 +169,21 @@ def _ffn(adapter, mlp: nn.Module) -> DenseFFN | RoutedFFN:
     if gate is None:
         raise ValueError("the runtime needs a gated (SwiGLU) FFN")
     return DenseFFN(_t(gate.weight), _t(up.weight), _t(down.weight))
+
+
+def original_layout(w: ModelWeights) -> ModelWeights:
+    """``w`` as the dense model it came from: every float32 routed FFN as a ``DenseFFN`` (contiguous
+    copies of its gate, up and down weights, the same values) and the exact head. The baseline a
+    routed model is measured against: the routed model's own dense path (every unit of the unit-packed
+    layout) streams ~10 % slower than the dense GEMVs (docs/perf.md, item 27). Quantised FFNs are
+    already in the dense layout and stay shared."""
+    layers = []
+    for ly in w.layers:
+        f = ly.ffn
+        if isinstance(f, RoutedFFN) and isinstance(f.w_gate, torch.Tensor) and f.w_gate.dtype == torch.float32:
+            ly = replace(ly, ffn=DenseFFN(f.w_gate.contiguous(), f.w_up.contiguous(), f.w_down_t.t().contiguous()))
+        layers.append(ly)
+    return replace(w, layers=layers, routed_head=None)
 
 
 def unit_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor):

@@ -101,6 +101,29 @@ def test_routed_sparse_decode_matches_reference_and_module(routed):
     torch.testing.assert_close(logits["reference"][1:], hf[1:], rtol=1e-4, atol=1e-4)
 
 
+def test_original_layout_is_the_dense_model(tiny, routed, kernel_name):
+    """The baseline bench measures a routed model against: its FFNs back in the dense layout (copies,
+    the same values), exact head; logits equal the original dense model's and the routed dense arm's."""
+    from adaroute.runtime.weights import DenseFFN, RoutedFFN, from_model, original_layout
+
+    model, mods = routed
+    set_threshold(mods, -6.0, min_units=8, max_units=100)
+    w = from_model(model)
+    orig = original_layout(w)
+    assert all(isinstance(ly.ffn, DenseFFN) for ly in orig.layers) and orig.routed_head is None
+    assert all(isinstance(ly.ffn, RoutedFFN) for ly in w.layers)  # the routed weights are left as they were
+    for a, b in zip(orig.layers, w.layers, strict=True):
+        assert a.ffn.w_down.is_contiguous() and torch.equal(a.ffn.w_down, b.ffn.w_down_t.T)
+        assert a.ffn.w_gate.data_ptr() != b.ffn.w_gate.data_ptr()
+    seq = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    out = {}
+    for name, weights in (("original", orig), ("dense arm", w), ("tiny", from_model(tiny))):
+        engine = Engine(weights, kernel=kernel_name, policy=ExecutionPolicy.always_dense())
+        out[name] = engine.forward(seq, engine.new_cache(1, 8), all_logits=True)
+    torch.testing.assert_close(out["original"], out["tiny"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["original"], out["dense arm"], rtol=1e-5, atol=1e-5)
+
+
 def test_policy_picks_dense_for_prefill_and_counts_units(routed):
     from adaroute.runtime import UnitCounter
 
