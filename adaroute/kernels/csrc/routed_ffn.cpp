@@ -11,7 +11,7 @@
 
 namespace {
 
-constexpr int kScoreBlock = 64; // units scored per work item
+constexpr int kScoreBlock = 128; // units scored per work item (64 started a cold gather stream twice as often: -3-4 %)
 constexpr int kScoreAhead = 8;  // units ahead whose shadow rows the scoring loop prefetches
 
 #ifdef __AVX512F__
