@@ -1,7 +1,7 @@
 """Decode speed with the kernel library of an earlier revision beside the working tree's, in one process.
 
     python benchmarks/kernel_ab.py MODEL [--base HEAD] [--engines dense,routed] [--weights f32|q8|q4]
-        [--gguf FILE.gguf] [--rounds 6] [--new-tokens 128] [--json out/kernel_ab.json]
+        [--gguf FILE.gguf] [--batch 1] [--rounds 6] [--new-tokens 128] [--json out/kernel_ab.json]
 
 Both libraries are built from their own sources (the base's from ``git show BASE:adaroute/kernels/csrc/…``)
 and loaded side by side. Each round runs every engine once on the base library and once on the current
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--engines", default="dense,routed", help="dense, routed or both (routed needs a routed model)")
     ap.add_argument("--weights", default="f32", help="weight format the engines run at (f32, q8, q4)")
     ap.add_argument("--gguf", help="also run llama.cpp on this GGUF file as a reference")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (llama.cpp: batch 1 only)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", default="out/kernel_ab.json")
@@ -64,18 +65,20 @@ def main() -> None:
         cpu._lib = lambda lib=lib: lib  # every kernel call, and the engines' fused steps, go to this library
         for kind in kinds:
             engines[f"{kind} {lib_name}"] = (lib, runtime_engine(None, kind == "routed", weights=w))
-    prompt = bench_prompts(tokenizer, 1, 64)[0]
-    llama = llama_cpp_engine(args.gguf, torch.get_num_threads(), len(prompt) + args.new_tokens) if args.gguf else None
+    prompts = bench_prompts(tokenizer, args.batch, 64)
+    if args.gguf and args.batch != 1:
+        raise SystemExit("kernel_ab: llama.cpp runs one sequence at a time (drop --gguf or --batch)")
+    llama = llama_cpp_engine(args.gguf, torch.get_num_threads(), 64 + args.new_tokens) if args.gguf else None
     if args.gguf and llama is None:
         raise SystemExit("kernel_ab: --gguf needs llama_cpp (pip install -e .[llamacpp])")
     rates: dict[str, list[float]] = {name: [] for name in [*engines, *(["llama.cpp"] if llama else [])]}
     for _ in range(args.rounds):
         for name, (lib, engine) in engines.items():
             cpu._lib = lambda lib=lib: lib
-            run = engine.generate([prompt], args.new_tokens)
-            rates[name].append(len(run.step_s) / sum(run.step_s))
+            run = engine.generate(prompts, args.new_tokens)
+            rates[name].append(args.batch * len(run.step_s) / sum(run.step_s))
         if llama:
-            run = llama.generate([prompt], args.new_tokens)
+            run = llama.generate(prompts, args.new_tokens)
             rates["llama.cpp"].append(len(run.step_s) / sum(run.step_s))
     median = {name: statistics.median(v[1:] or v) for name, v in rates.items()}
     print(f"{'engine':<18} {'tok/s':>7}  rounds")
@@ -93,7 +96,8 @@ def main() -> None:
         print(f"{name:<28} {r:.3f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "base": args.base, "weights": args.weights, "rates": rates,
+    out.write_text(json.dumps({"model": args.model, "base": args.base, "weights": args.weights, "batch": args.batch,
+                               "rates": rates,
                                "median": median, "ratios": ratios, "threads": torch.get_num_threads()},
                               indent=2) + "\n")
 
