@@ -8,7 +8,9 @@ and loaded side by side. Each round runs every engine once on the base library a
 one, alternating (an engine is built while its library is the one in use, and every kernel call of a
 round goes to that library); with ``--gguf`` llama.cpp runs on that file in the same rounds as a fixed
 reference. The table gives medians over the rounds after the first (a warm-up) and the median of each
-round's current/base ratio, which a machine shared with other jobs still measures fairly.
+round's current/base ratio, which a machine shared with other jobs still measures fairly. ``dense`` is the
+engine with every FFN dense on the model's weights as loaded (for a routed model: its dense arm, the
+unit-packed path), ``routed`` the routed engine.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", default="out/kernel_ab.json")
     args = ap.parse_args()
+    if args.gguf and args.batch != 1:
+        raise SystemExit("kernel_ab: llama.cpp runs one sequence at a time (drop --gguf or --batch)")
     torch.set_num_threads(thread_count())
     model, tokenizer = load_model(args.model)
     w = runtime_weights(model, args.weights)
@@ -66,8 +70,6 @@ def main() -> None:
         for kind in kinds:
             engines[f"{kind} {lib_name}"] = (lib, runtime_engine(None, kind == "routed", weights=w))
     prompts = bench_prompts(tokenizer, args.batch, 64)
-    if args.gguf and args.batch != 1:
-        raise SystemExit("kernel_ab: llama.cpp runs one sequence at a time (drop --gguf or --batch)")
     llama = llama_cpp_engine(args.gguf, torch.get_num_threads(), 64 + args.new_tokens) if args.gguf else None
     if args.gguf and llama is None:
         raise SystemExit("kernel_ab: --gguf needs llama_cpp (pip install -e .[llamacpp])")
@@ -97,9 +99,8 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "base": args.base, "weights": args.weights, "batch": args.batch,
-                               "rates": rates,
-                               "median": median, "ratios": ratios, "threads": torch.get_num_threads()},
-                              indent=2) + "\n")
+                               "rates": rates, "median": median, "ratios": ratios,
+                               "threads": torch.get_num_threads()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ inline __m512 vexp(__m512 x) {
 }
 #endif
 
-// This thread's share [lo, hi) of m rows: contiguous and equal. Dense decode calls stream their weights
-// at the same pace on every thread, so a static split costs no balance, and it keeps each thread's
-// stream one contiguous run that software prefetch can lead by kStreamAhead (docs/perf.md, item 27).
+// This thread's share [lo, hi) of m rows (or units, or records): contiguous and equal. Decode calls
+// stream their weights at about the same pace on every thread, so a static split costs little balance,
+// and it keeps each thread's stream one contiguous run that software prefetch can lead by kStreamAhead
+// (docs/perf.md, items 27 and 29).
 inline void thread_share(int64_t m, int64_t& lo, int64_t& hi) {
   const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
   lo = m * tid / team, hi = m * (tid + 1) / team;

@@ -7,10 +7,9 @@
 // codes is an exact integer, and gu[r] = sum_g shadow_scale[r, g] * sx[g] * dot_g.
 #include "common.h"
 
-
 namespace {
 
-constexpr int kScoreBlock = 128; // units scored per work item (64 started a cold gather stream twice as often: -3-4 %)
+constexpr int kScoreBlock = 128; // units scored per work item (64: twice the cold gather starts, -3-4 %)
 constexpr int kScoreAhead = 8;  // units ahead whose shadow rows the scoring loop prefetches
 
 #ifdef __AVX512F__
