@@ -99,7 +99,7 @@ def main() -> None:
         if source is not None:
             rw = runtime_weights(routed[source], fmt if fmt != "mixed" else "f32", max(max_len, 512))
             extra = runtime_engine(None, routed=True, name=f"adaroute routed {fmt}", weights=rw)
-            extra.weights, extra.source = rw, source
+            extra.source = source
         engines += [e for e in (ours, cpp, extra) if e is not None]
         rows.append((path, fmt, weights, ours, cpp, extra))
     prompts = bench_prompts(tokenizer, 1, args.prompt_tokens)

@@ -30,6 +30,10 @@ def add_parser(sub) -> None:
                    help="weight format of the adaroute engines: f32, q8 (q8_0), q4 (q4_1) or q4_0 (default: the "
                         "routed directory's recorded format, else f32); transformers-eager stays float32")
     add_head_rows_arg(p)
+    p.add_argument("--dense-baseline", choices=["original", "arm"], default="original",
+                   help="adaroute-dense on a routed float32 model: 'original' = the dense model's own layout (the "
+                        "FFNs copied out of the routed store: more memory), 'arm' = the routed model's dense arm, "
+                        "as the server runs it (no copy)")
     p.add_argument("--json", metavar="OUT", help="write one record per engine and batch size")
     p.set_defaults(run=run)
 
@@ -73,7 +77,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model)
     apply_head_rows(model, info, args.head_rows, fmt)
     gguf = str(source.directory / source.gguf_file) if source.gguf_file else None
-    engines = build_engines(model, gguf, max_len=max_len, kernel=args.kernel, weights=fmt)
+    engines = build_engines(model, gguf, max_len=max_len, kernel=args.kernel, weights=fmt,
+                            dense_baseline=args.dense_baseline)
     records = []
     for batch in batches:
         prompts = bench_prompts(tokenizer, batch, args.prompt_tokens)
@@ -83,8 +88,9 @@ def run(args) -> int:
     import torch
 
     print(f"threads: {torch.get_num_threads()}  prompt: {args.prompt_tokens} tokens  new: {args.new_tokens} tokens"
-          + ("" if fmt == "f32" else f"  weights: {fmt}"))
+          + ("" if fmt == "f32" else f"  weights: {fmt}")
+          + ("  adaroute-dense: the routed model's dense arm" if args.dense_baseline == "arm" else ""))
     print(format_table(records))
     write_json(args.json, {"model": args.model, "threads": torch.get_num_threads(), "weights": fmt,
-                           "records": [r.__dict__ for r in records]})
+                           "dense_baseline": args.dense_baseline, "records": [r.__dict__ for r in records]})
     return 0

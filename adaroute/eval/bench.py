@@ -75,6 +75,7 @@ class BenchEngine:
     runs: list[Run] = field(default_factory=list)
     peak_rss: int = 0
     growth: int = 0
+    weights: object = None  # the runtime's ModelWeights (adaroute engines only)
 
 
 class RssSampler:
@@ -187,7 +188,7 @@ def runtime_engine(model: nn.Module | None, routed: bool, kernel: str | None = N
     w = engine.w
     held = held_tensors(w, routed) + (engine.made_tensors if routed else [])  # the dense one reads no router
     return BenchEngine(name or ("adaroute-routed" if routed else "adaroute-dense"), run, distinct_bytes(held),
-                       lambda: sum(w.weight_bytes(density(), routed_head=routed).values()), density, reset)
+                       lambda: sum(w.weight_bytes(density(), routed_head=routed).values()), density, reset, weights=w)
 
 
 def llama_cpp_engine(gguf_path: str, threads: int, max_len: int) -> BenchEngine | None:
@@ -327,22 +328,27 @@ def write_json(records: Sequence[BenchRecord], path: str, meta: dict | None = No
 
 
 def build_engines(model: nn.Module, gguf_path: str | None = None, threads: int | None = None,
-                  max_len: int = 2048, kernel: str | None = None, weights: str | None = None) -> list[BenchEngine]:
+                  max_len: int = 2048, kernel: str | None = None, weights: str | None = None,
+                  dense_baseline: str = "original") -> list[BenchEngine]:
     """The engines for one model: transformers eager, adaroute dense, adaroute routed when the model
     has routed layers, and llama.cpp when a GGUF file is given and ``llama_cpp`` is importable.
 
     ``weights``: the format the adaroute engines run at (``adaroute.runtime.formats``; None = f32); at
     q8/q4 they are named with it (``adaroute-dense q8_0``, ``adaroute-routed q8_0``) and share one set of
-    quantised weights. transformers eager always runs the float32 model."""
+    quantised weights. transformers eager always runs the float32 model. ``dense_baseline``: "original"
+    runs adaroute-dense on the dense model's own layout (``original_layout``: a float32 routed model's
+    FFNs copied out of the unit-packed store), "arm" on the routed weights as the server's dense arm
+    does (no copy)."""
     from adaroute.runtime.formats import F32, parse_format, runtime_weights
     from adaroute.runtime.weights import is_routed_mlp, original_layout
 
     fmt = parse_format(weights)
     held = runtime_weights(model, fmt)  # one set of weights for both adaroute engines
     suffix = "" if fmt == F32 else f" {fmt}"
-    # the dense model as it was before conversion (a float32 routed model's FFNs back in their own layout)
-    dense = runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute-dense{suffix}",
-                           weights=original_layout(held))
+    if dense_baseline not in ("original", "arm"):
+        raise ValueError(f"dense_baseline must be 'original' or 'arm', got {dense_baseline!r}")
+    dense_weights = original_layout(held) if dense_baseline == "original" else held
+    dense = runtime_engine(None, routed=False, kernel=kernel, name=f"adaroute-dense{suffix}", weights=dense_weights)
     if fmt == F32:
         eager_bytes = dense.bytes_per_step
     elif getattr(model, "adaroute_blocks", None) is None:  # transformers reads the float32 weights

@@ -50,6 +50,23 @@ def test_routed_model_adds_a_routed_engine():
     assert routed.density is None and routed.weight_mb_per_step == dense.weight_mb_per_step
 
 
+def test_dense_baseline_is_the_original_layout_or_the_arm():
+    """adaroute-dense on a routed model: the dense model's own layout (FFN copies), or its dense arm."""
+    routing = pytest.importorskip("adaroute.routing")
+    from adaroute.runtime.weights import DenseFFN, RoutedFFN
+
+    model = make_tiny_llama(seed=1)
+    routing.route_model(model)
+    by_name = {b: {e.name: e for e in build_engines(model, max_len=32, dense_baseline=b)} for b in ("original", "arm")}
+    original, arm = by_name["original"]["adaroute-dense"], by_name["arm"]["adaroute-dense"]
+    assert all(isinstance(ly.ffn, DenseFFN) for ly in original.weights.layers)
+    assert all(isinstance(ly.ffn, RoutedFFN) for ly in arm.weights.layers)
+    routed = by_name["arm"]["adaroute-routed"].weights
+    assert arm.weights.layers[0].ffn.w_gate.data_ptr() == routed.layers[0].ffn.w_gate.data_ptr()  # no copy
+    with pytest.raises(ValueError, match="dense_baseline"):
+        build_engines(model, max_len=32, dense_baseline="fast")
+
+
 def test_table_and_json(records, tmp_path):
     table = format_table(records)
     assert "adaroute-dense" in table and "1.00x" in table
@@ -81,9 +98,11 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     cli_bench.add_parser(parser.add_subparsers())
     out = tmp_path / "b.json"
     args = parser.parse_args(["bench", str(tmp_path / "tiny"), "--batch", "1,2", "--new-tokens", "4",
-                              "--prompt-tokens", "8", "--repeats", "1", "--json", str(out)])
+                              "--prompt-tokens", "8", "--repeats", "1", "--dense-baseline", "arm", "--json", str(out)])
     assert args.run(args) == 0
-    records = json.loads(out.read_text())["records"]
+    data = json.loads(out.read_text())
+    assert data["dense_baseline"] == "arm"
+    records = data["records"]
     assert [(r["engine"], r["batch"]) for r in records] == [
         ("transformers-eager", 1), ("adaroute-dense", 1), ("transformers-eager", 2), ("adaroute-dense", 2)]
     assert "decode tok/s" in capsys.readouterr().out
