@@ -175,7 +175,7 @@ def original_layout(w: ModelWeights) -> ModelWeights:
     """``w`` as the dense model it came from: every float32 routed FFN as a ``DenseFFN`` (contiguous
     copies of its gate, up and down weights, the same values) and the exact head. The baseline a
     routed model is measured against: the routed model's own dense path (every unit of the unit-packed
-    layout) streams ~10 % slower than the dense GEMVs (docs/perf.md, item 27). Quantised FFNs are
+    layout) streams ~13 % slower than the dense GEMVs (docs/perf.md, item 27). Quantised FFNs are
     already in the dense layout and stay shared."""
     layers = []
     for ly in w.layers:
