@@ -288,6 +288,32 @@ def test_cpu_router_scores_match_reference(cpu, tokens, h, group):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("group", [32, 64])
+def test_cpu_activation_codes_round_ties_as_reference(cpu, group):
+    """Activations on exact halves of their group's scale (a power of two, so x / scale is exact): the
+    kernels' vectorised quantisation must round every tie to even, as the reference does, and keep an
+    all-zero group at codes 0. Every shadow code is +1 and the scales random, so a unit's g and u are
+    random positive mixes of the groups' code sums, far from 0: one tie rounded the other way moves a
+    score by ~1e-3, far beyond the float summation-order differences the tolerance allows."""
+    g = torch.Generator().manual_seed(group)
+    tokens, groups = 3, H // group
+    scale = 2.0 ** torch.randint(-6, 2, (tokens, groups, 1), generator=g)
+    halves = torch.randint(0, 126, (tokens, groups, group), generator=g) + 0.5
+    halves[..., 0] = 127.0  # the group's largest magnitude: its scale
+    x = (halves * scale).reshape(tokens, H)
+    x[1, :group] = 0.0
+    t = routed_tensors(seed=7, group=group)
+    t["shadow_q"] = torch.full_like(t["shadow_q"], 0x99)  # stored nibbles 9: every code +1
+    ref = reference.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"])
+    torch.testing.assert_close(cpu.router_scores(x, t["shadow_q"], t["shadow_scale"], t["unit_bias"]), ref,
+                               rtol=1e-5, atol=1e-5)
+    thr = gap_threshold(ref, 0.4)
+    _, n_ref = reference.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F)
+    for copy in (True, False):  # the g16 scoring layout and the rows
+        _, n = cpu.routed_ffn(x, **t, threshold=thr, min_units=0, max_units=F, scoring_copy=copy)
+        assert n.tolist() == n_ref.tolist()
+
+
 # --- unit-packed weights: views of one [F, 3, H] store ------------------------------------------
 
 def packed(t: dict) -> dict:
