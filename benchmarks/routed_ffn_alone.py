@@ -1,11 +1,12 @@
 """The FFN alone: where a routed layer's time goes, and one kernel library against another.
 
-    python benchmarks/routed_ffn_alone.py [--base REV] [--layers 60] [--densities 0.35,0.5]
+    python benchmarks/routed_ffn_alone.py [--base REV] [--layers 60] [--densities 0.35,0.5] [--tokens 1]
         [--rounds 8] [--json out/routed_ffn_alone.json]
 
 Layers of the embedded model's FFN shape (H 576, F 1536) with random weights and a random int4 shadow,
 each its own tensors, more of them than the last-level cache holds, so that every call reads from
-memory as in decode. One token, the decode threads. The selection is forced through the unit biases
+memory as in decode. ``--tokens`` tokens in flight (decode of a batch: a routed unit is read once for
+every token that chose it), the decode threads. The selection is forced through the unit biases
 (+1e30 for the chosen units, -1e30 for the rest, threshold 0), so a case reads exactly the units it
 names while the router still scores every unit:
 
@@ -46,7 +47,7 @@ SHADOW_BYTES = 2 * F * (H // 2 + 4 * H // GROUP)  # int4 codes and float32 scale
 class Layers:
     """``n`` routed FFN layers' weights (unit-packed [F, 3H]), shadows (g16) and dense copies."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, tokens: int = 1):
         gen = torch.Generator().manual_seed(0)
         self.units = [torch.randn(F, 3 * H, generator=gen) for _ in range(n)]  # [F, 3H] each
         self.dense = [(u[:, :H].contiguous(), u[:, H:2 * H].contiguous(), u[:, 2 * H:].t().contiguous())
@@ -54,10 +55,11 @@ class Layers:
         self.shadow_q = [torch.randint(0, 256, (2 * F, H // 2), dtype=torch.uint8, generator=gen) for _ in range(n)]
         self.shadow_scale = [torch.rand(2 * F, H // GROUP, generator=gen) * 0.01 for _ in range(n)]
         self.g16 = [cpu.shadow_g16(q, s) for q, s in zip(self.shadow_q, self.shadow_scale, strict=True)]
-        self.x = torch.randn(1, H, generator=gen)
-        self.y = torch.zeros(1, H)
-        self.hidden = torch.empty(1, F)
-        self.counts = torch.zeros(1, dtype=torch.int64)
+        self.tokens = tokens
+        self.x = torch.randn(tokens, H, generator=gen)  # [T, H]
+        self.y = torch.zeros(tokens, H)
+        self.hidden = torch.empty(tokens, F)
+        self.counts = torch.zeros(tokens, dtype=torch.int64)
 
 
 def choose(layers: int, share: float, run: int, seed: int) -> list[torch.Tensor]:
@@ -80,7 +82,7 @@ def routed_case(lib, ly: Layers, masks: list[torch.Tensor] | None, all_units: bo
     def run() -> None:
         for i, u in enumerate(ly.units):
             p = u.data_ptr()
-            lib.ar_routed_ffn(ly.x.data_ptr(), 1, H, F, p, p + 4 * H, p + 8 * H, 3 * H, ly.shadow_q[i].data_ptr(),
+            lib.ar_routed_ffn(ly.x.data_ptr(), ly.tokens, H, F, p, p + 4 * H, p + 8 * H, 3 * H, ly.shadow_q[i].data_ptr(),
                               ly.shadow_scale[i].data_ptr(), GROUP, biases[i].data_ptr(), 0.0, 0, F, int(all_units),
                               ly.y.data_ptr(), ly.counts.data_ptr(), 1, threads, 0, None, None, None, None,
                               ly.g16[i].data_ptr())
@@ -93,8 +95,8 @@ def dense_case(lib, ly: Layers):
 
     def run() -> None:
         for wg, wu, wd in ly.dense:
-            lib.ar_gate_up_silu(ly.x.data_ptr(), 1, H, wg.data_ptr(), wu.data_ptr(), F, ly.hidden.data_ptr(), threads)
-            lib.ar_linear(ly.hidden.data_ptr(), 1, F, 1, (ctypes.c_void_p * 1)(wd.data_ptr()), rows, ly.y.data_ptr(),
+            lib.ar_gate_up_silu(ly.x.data_ptr(), ly.tokens, H, wg.data_ptr(), wu.data_ptr(), F, ly.hidden.data_ptr(), threads)
+            lib.ar_linear(ly.hidden.data_ptr(), ly.tokens, F, 1, (ctypes.c_void_p * 1)(wd.data_ptr()), rows, ly.y.data_ptr(),
                           H, 1, threads)
     return run
 
@@ -133,6 +135,7 @@ def main() -> None:
     ap.add_argument("--base", help="git revision whose kernel library runs beside the working tree's")
     ap.add_argument("--layers", type=int, default=60)
     ap.add_argument("--densities", default="0.35,0.5")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens in flight (1-8)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--json", default="out/routed_ffn_alone.json")
     args = ap.parse_args()
@@ -143,13 +146,16 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             libs = {"base": cpu.load_kernels(base_sources(args.base, Path(tmp))), **libs}
-    ly = Layers(args.layers)
+    if not 1 <= args.tokens <= cpu.MAX_GEMV_TOKENS:
+        raise SystemExit(f"routed_ffn_alone: --tokens must be 1..{cpu.MAX_GEMV_TOKENS}")
+    ly = Layers(args.layers, args.tokens)
     densities = [float(d) for d in args.densities.split(",")]
     per_lib = {name: cases(lib, ly, densities) for name, lib in libs.items()}
     runs = {f"{case} | {name}": run for name, cs in per_lib.items() for case, (run, _) in cs.items()}
     times = measure(runs, args.rounds, args.layers)
     rows = []
-    print(f"{args.layers} layers from memory, {thread_count()} threads, {args.rounds} rounds; µs per layer (median)")
+    print(f"{args.layers} layers from memory, {args.tokens} token(s), {thread_count()} threads, {args.rounds} rounds; "
+          "µs per layer (median)")
     print(f"{'case':<26} {'µs':>7} {'GB/s':>6}" + ("  base µs  base/current" if args.base else ""))
     for case, (_, nbytes) in per_lib["current"].items():
         cur = statistics.median(times[f"{case} | current"])
@@ -165,7 +171,7 @@ def main() -> None:
         print(line)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"layers": args.layers, "threads": thread_count(), "rounds": args.rounds,
+    out.write_text(json.dumps({"layers": args.layers, "tokens": args.tokens, "threads": thread_count(), "rounds": args.rounds,
                                "base": args.base, "rows": rows}, indent=2) + "\n")
 
 
