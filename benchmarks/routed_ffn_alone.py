@@ -82,10 +82,10 @@ def routed_case(lib, ly: Layers, masks: list[torch.Tensor] | None, all_units: bo
     def run() -> None:
         for i, u in enumerate(ly.units):
             p = u.data_ptr()
-            lib.ar_routed_ffn(ly.x.data_ptr(), ly.tokens, H, F, p, p + 4 * H, p + 8 * H, 3 * H, ly.shadow_q[i].data_ptr(),
-                              ly.shadow_scale[i].data_ptr(), GROUP, biases[i].data_ptr(), 0.0, 0, F, int(all_units),
-                              ly.y.data_ptr(), ly.counts.data_ptr(), 1, threads, 0, None, None, None, None,
-                              ly.g16[i].data_ptr())
+            lib.ar_routed_ffn(ly.x.data_ptr(), ly.tokens, H, F, p, p + 4 * H, p + 8 * H, 3 * H,
+                              ly.shadow_q[i].data_ptr(), ly.shadow_scale[i].data_ptr(), GROUP, biases[i].data_ptr(),
+                              0.0, 0, F, int(all_units), ly.y.data_ptr(), ly.counts.data_ptr(), 1, threads, 0,
+                              None, None, None, None, ly.g16[i].data_ptr())
     return run
 
 
@@ -95,9 +95,10 @@ def dense_case(lib, ly: Layers):
 
     def run() -> None:
         for wg, wu, wd in ly.dense:
-            lib.ar_gate_up_silu(ly.x.data_ptr(), ly.tokens, H, wg.data_ptr(), wu.data_ptr(), F, ly.hidden.data_ptr(), threads)
-            lib.ar_linear(ly.hidden.data_ptr(), ly.tokens, F, 1, (ctypes.c_void_p * 1)(wd.data_ptr()), rows, ly.y.data_ptr(),
-                          H, 1, threads)
+            lib.ar_gate_up_silu(ly.x.data_ptr(), ly.tokens, H, wg.data_ptr(), wu.data_ptr(), F,
+                                ly.hidden.data_ptr(), threads)
+            lib.ar_linear(ly.hidden.data_ptr(), ly.tokens, F, 1, (ctypes.c_void_p * 1)(wd.data_ptr()), rows,
+                          ly.y.data_ptr(), H, 1, threads)
     return run
 
 
@@ -171,8 +172,8 @@ def main() -> None:
         print(line)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"layers": args.layers, "tokens": args.tokens, "threads": thread_count(), "rounds": args.rounds,
-                               "base": args.base, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"layers": args.layers, "tokens": args.tokens, "threads": thread_count(),
+                               "rounds": args.rounds, "base": args.base, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

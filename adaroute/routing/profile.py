@@ -119,11 +119,12 @@ def apply_density(
         raise ValueError("density: these routed layers carry no calibration profile; convert the model again")
     per_layer = layer_densities(profiles, density, allocation, lo, hi)
     for m, p, d in zip(mods, profiles, per_layer, strict=True):
-        m.set_policy(_policy_for(m, p, d))
+        m.set_policy(policy_for(m, p, d))
     return per_layer
 
 
-def _policy_for(m, p: LayerProfile, d: float) -> LayerPolicy:
+def policy_for(m, p: LayerProfile, d: float) -> LayerPolicy:
+    """The policy of routed layer ``m`` (its ``units``) at density ``d``, from its profile ``p``."""
     if d >= 1.0:
         return LayerPolicy.dense(m.units)
     if p.policy == "topk":
