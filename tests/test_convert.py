@@ -82,3 +82,23 @@ def test_cli_force_replaces_a_routed_directory_whole(tmp_path, capsys):
     assert main([*argv, "--force"]) == 0
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "routed"]  # no temporary left behind
+
+
+def test_cli_eval_of_a_routed_directory_reports_the_spread_over_windows(converted, tmp_path, capsys):
+    import json
+
+    from adaroute.cli import main
+
+    _, out = converted
+    text = tmp_path / "text.txt"
+    text.write_text(topics["lambda"] + topics["while"] + topics["for"])
+    js = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data", str(text), "--window", "64", "--max-tokens", "512",
+                 "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    rec = json.loads(js.read_text())["results"][0]
+    spread = rec["window_spread"]
+    assert rec["windows"] > 1
+    # the file's ratio is a token-weighted mean of the windows' log-ratios
+    assert spread["ratio_min"] <= rec["perplexity_ratio"] <= spread["ratio_max"]
+    assert f"per-window ratio {spread['ratio_min']:.3f}-{spread['ratio_max']:.3f}" in printed

@@ -179,6 +179,17 @@ def _print(payload: dict, routed: bool) -> None:
         print(f"{r['data']}: mean density {r['mean_density']:.3f}, FFN bytes share {r['ffn_bytes_share']:.3f} "
               f"(router {r['router_bytes_share']:.3f}), FFN FLOPs share {r['ffn_flops_share']:.3f}, "
               f"units/token share {_summary(upt)}")
+        spread = r.get("window_spread")
+        if spread and r.get("windows", 0) > 1:
+            print(f"{r['data']}: {_spread(spread)}")
+
+
+def _spread(s: dict) -> str:
+    text = f"per-window ratio {s['ratio_min']:.3f}-{s['ratio_max']:.3f}"
+    if s["worst_excess_share"] is not None:
+        text += (f"; window {s['worst_window'] + 1} holds {100 * s['worst_excess_share']:.0f} % of the extra loss, "
+                 f"ratio over the other windows {s['ratio_without_worst']:.3f}")
+    return text
 
 
 def _summary(dist: dict) -> str:

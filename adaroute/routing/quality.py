@@ -200,6 +200,22 @@ def _result(sums: dict, stats: RoutingStats, mods: list[RoutedMLP], n_windows: i
         "unit_usage": stats.unit_usage_summary() if stats.layers else {},
         "density_override": density,
         "per_window": sums["per_window"],
+        "window_spread": window_spread(sums["per_window"]),
         "tokens": n,
         "windows": n_windows,
     }
+
+
+def window_spread(per_window: list[dict]) -> dict[str, Any]:
+    """How evenly a file's extra loss is spread over its windows, from per-window records
+    (``nll_dense``, ``nll_routed``, ``tokens``): the per-window ratios' range, the window with the most
+    extra NLL (routed - dense; 0-based), its share of the file's extra NLL (None unless that is
+    positive) and the ratio over the other windows (None with one window). One window holding most of
+    the excess (a page of markup in prose, say) is then visible instead of hidden in the file's ratio."""
+    excess = [w["nll_routed"] - w["nll_dense"] for w in per_window]
+    ratios = [math.exp(e / w["tokens"]) for e, w in zip(excess, per_window, strict=True)]
+    worst = max(range(len(excess)), key=excess.__getitem__)
+    total, rest = sum(excess), sum(w["tokens"] for i, w in enumerate(per_window) if i != worst)
+    return {"ratio_min": min(ratios), "ratio_max": max(ratios), "worst_window": worst,
+            "worst_excess_share": excess[worst] / total if total > 0 else None,
+            "ratio_without_worst": math.exp((total - excess[worst]) / rest) if rest else None}
