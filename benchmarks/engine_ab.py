@@ -9,8 +9,9 @@ routers without them; the selection does not depend on them, so both read the sa
 ``failsafe`` the per-token dense fail-safe; ``usage`` the unit-usage counter behind the server's
 imbalance gauge; ``head`` the routed output head with ``--head-rows`` exact rows (off: the exact head;
 float32 only; both engines score as the one with the head may within the memory budget);
-``scoring-copy`` the routers' g16 scoring copy (``Engine.scoring_copy``, on or off
-whatever the memory budget says). Both engines share one copy of the weights. The first round is a warm-up; the
+``scoring-copy`` the routers' shadows in the g16 scoring layout, as the runtime holds them where
+the compiled step runs (``fused_cpu.scoring_layout``; off: the same shadows in rows, scored from
+the rows with no copy). Both engines share one copy of the weights. The first round is a warm-up; the
 table gives medians over the rest and the median of each round's on/off ratio, which a machine shared
 with other jobs still measures fairly.
 """
@@ -42,6 +43,18 @@ def without_adapters(w: ModelWeights) -> ModelWeights:
     return dataclasses.replace(w, layers=layers)
 
 
+def with_rows(w: ModelWeights) -> ModelWeights:
+    """The same weights with every router's shadow in rows (``RoutedFFN.shadow_rows``), not g16."""
+    layers = []
+    for ly in w.layers:
+        f = ly.ffn
+        if isinstance(f, RoutedFFN) and f.shadow_g16 is not None:
+            q, s = f.shadow_rows()
+            f = dataclasses.replace(f, shadow_q=q, shadow_scale=s, shadow_g16=None)
+        layers.append(dataclasses.replace(ly, ffn=f))
+    return dataclasses.replace(w, layers=layers)
+
+
 def engines(feature: str, w: ModelWeights, head_rows: int = 1024) -> dict[str, Engine]:
     on, off = Engine(w), Engine(w)
     if feature == "head":
@@ -51,8 +64,9 @@ def engines(feature: str, w: ModelWeights, head_rows: int = 1024) -> dict[str, E
         on, off = Engine(dataclasses.replace(w, routed_head=routed_head(w.head, head_rows))), Engine(w)
         off.scoring_copy, off._fused = on.scoring_copy, fused_decoder(w, on.scoring_copy)  # only the head differs
     elif feature == "scoring-copy":
-        for engine, copy in ((on, True), (off, False)):
-            engine.scoring_copy, engine._fused = copy, fused_decoder(w, copy)
+        rows = with_rows(w)
+        off = Engine(rows)
+        off.scoring_copy, off._fused = False, fused_decoder(rows, False)
     elif feature == "adapters":
         if not any(isinstance(ly.ffn, RoutedFFN) and ly.ffn.adapter is not None for ly in w.layers):
             raise SystemExit("engine_ab: this model has no routing adapters (convert without --no-adapt)")

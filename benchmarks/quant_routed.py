@@ -75,7 +75,7 @@ def main() -> None:
             routed_ppl = ppl(w, ExecutionPolicy.always_sparse(), wins) if wins else None
             for kind, value in (("dense", dense.get(f)), ("routed", routed_ppl)):
                 r = records[f"{f} {kind}"]
-                router = "exact" if w.layers[0].ffn.shadow_q.numel() == 0 else "shadow"
+                router = "shadow" if w.layers[0].ffn.int4_shadow else "exact"
                 name = kind if kind == "dense" else f"routed ({router})"
                 rows.append({"format": f, "engine": name, "density": density if kind == "routed" else 1.0,
                              "realised_density": r.density, "tokens_per_s": r.decode_tokens_per_s,

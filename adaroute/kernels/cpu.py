@@ -249,7 +249,8 @@ def _routable(x, w_gate, w_up, w_down_t, *others) -> bool:
 
 
 def _group_size(x, shadow_scale) -> int:
-    return x.shape[1] // max(shadow_scale.shape[1], 1) if shadow_scale.numel() else reference.GROUP
+    # scales [2F, G], or [0, G] where the shadow is held in the g16 layout alone: G still names the group
+    return x.shape[1] // shadow_scale.shape[1] if shadow_scale.dim() == 2 and shadow_scale.shape[1] else reference.GROUP
 
 
 def _residual_ok(residual) -> bool:
@@ -298,6 +299,9 @@ def shadow_g16(shadow_q: torch.Tensor, shadow_scale: torch.Tensor) -> torch.Tens
 
     Made once per shadow tensor and kept while it lives (1.25 × the shadow's bytes, ~3 % of a float32
     model), remade when either tensor was modified in place."""
+    source = _SOURCE.get(id(shadow_q))
+    if source is not None and source[0]() is shadow_q and source[1]() is not None:
+        return source[1]()  # rows made from a held g16 tensor: that tensor
     versions = (shadow_q._version, shadow_scale._version)
     hit = _G16.get(id(shadow_q))
     if hit is not None and hit[0]() is shadow_q and hit[1]() is shadow_scale and hit[2] == versions:
@@ -325,6 +329,51 @@ def shadow_g16(shadow_q: torch.Tensor, shadow_scale: torch.Tensor) -> torch.Tens
         weakref.finalize(shadow_q, _G16.pop, id(shadow_q), None)
     _G16[id(shadow_q)] = (weakref.ref(shadow_q), weakref.ref(shadow_scale), versions, packed)
     return packed
+
+
+_ROWS: dict[int, tuple] = {}
+_SOURCE: dict[int, tuple] = {}  # id(rows made by rows_from_g16) -> (their codes, the g16 they came from)
+
+
+def rows_from_g16(g16: torch.Tensor, units: int, hidden: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row layout (codes [2F, H/2] uint8, scales [2F, G] float32) of a g16 shadow: the inverse of
+    ``shadow_g16`` (a permutation of bytes), for the paths that read rows when only g16 is held. Made
+    once per g16 tensor and kept while it lives; ``shadow_g16`` of the rows is then that tensor again."""
+    hit = _ROWS.get(id(g16))  # held g16 tensors are never written in place: no version check
+    if hit is not None and hit[0]() is g16:
+        return hit[1]
+    rows = _g16_to_rows(g16, units, hidden, groups)
+    if hit is None or hit[0]() is not g16:
+        weakref.finalize(g16, _ROWS.pop, id(g16), None)
+    _ROWS[id(g16)] = (weakref.ref(g16), rows)
+    _SOURCE[id(rows[0])] = (weakref.ref(rows[0]), weakref.ref(g16))  # weak both ways: no cycle
+    weakref.finalize(rows[0], _SOURCE.pop, id(rows[0]), None)
+    return rows
+
+
+def _g16_to_rows(g16: torch.Tensor, units: int, hidden: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    records, h, g = g16.shape[0], hidden, groups
+
+    def codes_rows(part: torch.Tensor) -> torch.Tensor:  # [records, 8H] bytes -> [F, H/2] row codes
+        b = part.reshape(records, h // 8, G16_UNITS, 4).permute(0, 2, 1, 3)  # [R, 16, H/8, 4]
+        c = torch.cat([b & 0xF, b >> 4], dim=-1).reshape(records * G16_UNITS, h)[:units]  # nibbles, column order
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+    def scale_rows(part: torch.Tensor) -> torch.Tensor:  # [records, 64G] bytes -> [F, G]
+        s = part.contiguous().view(torch.float32).reshape(records, g, G16_UNITS).permute(0, 2, 1)
+        return s.reshape(records * G16_UNITS, g)[:units]
+
+    cut = [8 * h, 16 * h, 16 * h + 64 * g]
+    gc, uc, gs, us = g16[:, :cut[0]], g16[:, cut[0]:cut[1]], g16[:, cut[1]:cut[2]], g16[:, cut[2]:]
+    return (torch.cat([codes_rows(gc), codes_rows(uc)]).contiguous(),
+            torch.cat([scale_rows(gs), scale_rows(us)]).contiguous())
+
+
+def scores_from_g16() -> bool:
+    """Whether the compiled routed FFN scores from the g16 layout alone (AVX-512 BW build), so that
+    weights may hold a router's shadow in that layout only (``runtime.fused_cpu.scoring_layout``)."""
+    lib = _lib()
+    return lib is not None and hasattr(lib, "ar_scores_g16") and bool(lib.ar_scores_g16())
 
 
 def _adapter_args(adapter: reference.Adapter | None) -> tuple:

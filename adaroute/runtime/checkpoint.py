@@ -151,10 +151,12 @@ def load_weights(directory: str | Path, max_positions: int | None = None, polici
     n_heads = base["num_attention_heads"]
     head_dim = base.get("head_dim") or base["hidden_size"] // n_heads
     cos, sin = _rope(base, max_positions or base["max_position_embeddings"], head_dim)
-    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, head=head, n_heads=n_heads,
-                        n_kv_heads=base.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                        eps=float(base["rms_norm_eps"]), rope_cos=cos, rope_sin=sin,
-                        routed_head=routed_head(head, head_rows(meta)))
+    from adaroute.runtime.fused_cpu import scoring_layout
+
+    return scoring_layout(ModelWeights(embed=embed, layers=layers, final_norm=final_norm, head=head, n_heads=n_heads,
+                                       n_kv_heads=base.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+                                       eps=float(base["rms_norm_eps"]), rope_cos=cos, rope_sin=sin,
+                                       routed_head=routed_head(head, head_rows(meta))))
 
 
 def _rope(base: dict, positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

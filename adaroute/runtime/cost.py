@@ -51,8 +51,8 @@ def ffn_cost(ffn: DenseFFN | RoutedFFN, density: float | None) -> tuple[dict[str
         return ({"ffn": _bytes(*ws), "router": 0, "adapter": 0},
                 {"ffn": 2 * _params(*ws), "router": 0, "adapter": 0})
     d = density
-    if ffn.shadow_q.numel():  # the int4 shadow scores; the selected units' three rows are read
-        nbytes = {"ffn": d * _bytes(*ws), "router": _bytes(ffn.shadow_q, ffn.shadow_scale, ffn.unit_bias)}
+    if ffn.int4_shadow:  # the int4 shadow scores; the selected units' three rows are read
+        nbytes = {"ffn": d * _bytes(*ws), "router": _bytes(*ffn.shadow_tensors(), ffn.unit_bias)}
         flops = {"ffn": d * 2 * _params(*ws), "router": 2 * _params(ffn.w_gate, ffn.w_up)}
     else:  # exact router: gate and up of every unit are the scores, the selected units reuse them
         down = 1.0 if ffn.dense_down else d
@@ -139,7 +139,7 @@ def ffn_shares(w: ModelWeights, layer_density: Mapping[int, float], dense_layers
 
 def _layer_tensors(layer, routed: bool) -> list:
     """The tensors of one layer an engine holds (a dense one skips the router and the adapter)."""
-    skip = {"module"} if routed else {"module", "shadow_q", "shadow_scale", "unit_bias", "adapter"}
+    skip = {"module"} if routed else {"module", "shadow_q", "shadow_scale", "shadow_g16", "unit_bias", "adapter"}
     ffn = []
     for name in layer.ffn.__dataclass_fields__:
         value = None if name in skip else getattr(layer.ffn, name)

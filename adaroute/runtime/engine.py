@@ -65,8 +65,9 @@ class Engine:
         # leaves each token's event code per layer here: [L, N], 0 where it ran as routed.
         self.failsafe = FailSafe(weights) if weights.routed else None
         self.last_failsafe: torch.Tensor | None = None
-        # The routers score from g16 copies of their shadows only while the engine's memory stays
-        # within the budget (``cost.scoring_copy_fits``); otherwise from the rows, with no copy.
+        # Weights from ``runtime_weights`` / ``load_weights`` hold the routers' shadows in the g16 layout
+        # the step scores from (``fused_cpu.scoring_layout``). Weights holding rows are scored from g16
+        # copies only while the engine's memory stays within the budget (``cost.scoring_copy_fits``).
         self.scoring_copy = weights.routed and scoring_copy_fits(weights)
         # The CPU kernels can run every layer of a decode step in one library call (same kernels,
         # no Python between them); None for other kernels and for layers it does not cover.
@@ -192,7 +193,7 @@ class Engine:
         if self.failsafe is not None and codes is not None:
             counts = self.failsafe.routed_ffn(k, ffn, h, x, i, codes[i], usage, self.scoring_copy)
         else:
-            _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
+            _, counts = k.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, *ffn.shadow_rows(),
                                      ffn.unit_bias, threshold, min_units, max_units, residual=x, adapter=ffn.adapter,
                                      usage=usage, scoring_copy=self.scoring_copy)
         if self.counter is not None:

@@ -141,7 +141,7 @@ class FailSafe:
         try:
             if fault == "raise":
                 raise InjectedFault(f"fault injected into layer {layer}'s sparse kernel")
-            y, counts = kernel.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, ffn.shadow_q, ffn.shadow_scale,
+            y, counts = kernel.routed_ffn(h, ffn.w_gate, ffn.w_up, ffn.w_down_t, *ffn.shadow_rows(),
                                           bias, threshold, min_units, max_units, adapter=ffn.adapter,
                                           usage=usage, scoring_copy=scoring_copy)  # [N, H], [N]
             if fault == "nan":

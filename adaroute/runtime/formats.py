@@ -85,8 +85,9 @@ def runtime_weights(model, fmt: str | None, max_positions: int | None = None):
     A model loaded from a directory stored as blocks runs on those blocks, read from its file
     (``adaroute.runtime.checkpoint.load_weights``; its modules hold the routed policies), and only at
     their format: anything else would round them twice. Otherwise ``from_model`` (views of the
-    model's float32 tensors), then ``quantise`` for q8/q4. Routed layers read the thresholds of their
-    modules' current density when the engine runs."""
+    model's float32 tensors), then ``quantise`` for q8/q4; at f32 the routers' shadows are held in
+    the compiled step's scoring layout where it runs (``fused_cpu.scoring_layout``). Routed layers
+    read the thresholds of their modules' current density when the engine runs."""
     blocks = getattr(model, "adaroute_blocks", None)  # (directory, format), set by load_routed
     if blocks is not None:
         directory, stored = blocks
@@ -101,10 +102,12 @@ def runtime_weights(model, fmt: str | None, max_positions: int | None = None):
     fmt = parse_format(fmt)
     weights = from_model(model, max_positions)
     if fmt == F32:
+        from adaroute.runtime.fused_cpu import scoring_layout
         from adaroute.runtime.head import routed_head
 
         rows = getattr(model, "adaroute_head_rows", 0)
-        return dataclasses.replace(weights, routed_head=routed_head(weights.head, rows)) if rows else weights
+        weights = dataclasses.replace(weights, routed_head=routed_head(weights.head, rows)) if rows else weights
+        return scoring_layout(weights)
     from adaroute.runtime.quant_weights import quantise
 
     _check_blocks(weights, fmt)

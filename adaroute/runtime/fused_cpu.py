@@ -11,6 +11,7 @@ flight; ``FusedDecoder.build`` returns None for anything else and the engine kee
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import torch
 
@@ -73,7 +74,9 @@ class FusedDecoder:
                 c.shadow_q, c.shadow_scale, c.unit_bias = (t.data_ptr() for t in (f.shadow_q, f.shadow_scale,
                                                                                    f.unit_bias))
                 c.group_size = cpu._group_size(ly.mlp_norm.view(1, -1), f.shadow_scale)
-                if scoring_copy:  # the scoring layout, made once per shadow (else the rows are scored)
+                if f.shadow_g16 is not None:  # the weights hold the scoring layout (and no rows)
+                    c.shadow_g16 = f.shadow_g16.data_ptr()
+                elif scoring_copy:  # the scoring layout, made once per shadow (else the rows are scored)
                     g16 = cpu.shadow_g16(f.shadow_q, f.shadow_scale)
                     self.held.append(g16)
                     c.shadow_g16 = g16.data_ptr()
@@ -84,32 +87,37 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, w: ModelWeights, scoring_copy: bool = True) -> FusedDecoder | None:
+        return cls(w, cpu._lib(), scoring_copy) if cls.supports(w) else None
+
+    @staticmethod
+    def supports(w: ModelWeights) -> bool:
+        """Whether the compiled step runs every layer of ``w`` (else ``build`` gives None)."""
         lib = cpu._lib()
         if lib is None or not hasattr(lib, "ar_decode_layers") or w.embed.is_cuda or not w.layers:
-            return None
+            return False
         first = w.layers[0]
         for ly in w.layers:  # the scratch buffers are sized once for every layer
             if (ly.ffn.w_gate.shape, ly.wq.shape, ly.wk.shape) != (first.ffn.w_gate.shape, first.wq.shape,
                                                                     first.wk.shape):
-                return None
+                return False
             if ly.qkv_bias is not None or ly.q_norm is not None:
-                return None
+                return False
             if not _plain(ly.attn_norm, ly.wq, ly.wk, ly.wv, ly.wo, ly.mlp_norm):
-                return None
+                return False
             f = ly.ffn
             if isinstance(f, DenseFFN) and not _plain(f.w_gate, f.w_up, f.w_down):
-                return None
+                return False
             if isinstance(f, RoutedFFN):
                 x = torch.empty(1, ly.wq.shape[1])
                 if not cpu._routable(x, f.w_gate, f.w_up, f.w_down_t, f.shadow_scale, f.unit_bias):
-                    return None
+                    return False
                 if not f.shadow_q.is_contiguous() or cpu._group_size(x, f.shadow_scale) % 32:
-                    return None
+                    return False
                 if f.adapter is not None and not _plain(*f.adapter):
-                    return None
+                    return False
         if not _plain(w.rope_cos, w.rope_sin):
-            return None
-        return cls(w, lib, scoring_copy)
+            return False
+        return True
 
     def _refresh(self, limits: list[int]) -> None:
         """Copies the routed layers' policies in; ``Engine.sparse_limits`` hands out a new list
@@ -180,3 +188,26 @@ class FusedDecoder:
             if fs is not None and fs.step_faults:
                 self._unguard(fs)
         return counts
+
+
+def scoring_layout(w: ModelWeights) -> ModelWeights:
+    """``w`` with every float32 router's int4 shadow held in the g16 layout only (``cpu.shadow_g16``; the
+    rows dropped), where the compiled step runs the model and scores from g16 alone. The layout is a
+    permutation of the rows' bytes, so the weights stay the same size, and the step scores without the
+    per-engine g16 copy it would otherwise make beside the rows (``Engine.scoring_copy``: 1-5 % of
+    float32 routed decode, which the copy's bytes do not leave room for in the memory budget once the
+    routed head is held). Paths that read rows make them from g16 (``RoutedFFN.shadow_rows``)."""
+    rows = [ly.ffn for ly in w.layers if isinstance(ly.ffn, RoutedFFN) and ly.ffn.shadow_q.numel()]
+    float_rows = all(isinstance(t, torch.Tensor) for f in rows for t in (f.w_gate, f.w_up, f.w_down_t))
+    if not rows or not float_rows or not cpu.scores_from_g16() or not FusedDecoder.supports(w):
+        return w
+    layers = []
+    for ly in w.layers:
+        f = ly.ffn
+        if isinstance(f, RoutedFFN) and f.shadow_q.numel() and f.shadow_g16 is None:
+            g16 = cpu.shadow_g16(f.shadow_q, f.shadow_scale)
+            # fresh empty tensors: views of the rows would keep their storage alive
+            f = dataclasses.replace(f, shadow_g16=g16, shadow_q=torch.empty(0, f.shadow_q.shape[1], dtype=torch.uint8),
+                                    shadow_scale=torch.empty(0, f.shadow_scale.shape[1]))
+        layers.append(dataclasses.replace(ly, ffn=f))
+    return dataclasses.replace(w, layers=layers)

@@ -178,7 +178,7 @@ def quantise(w: ModelWeights, fmt: str, router: str = "auto") -> ModelWeights:
             gate, up, down = (pack16(quantize(m.contiguous(), fmt)) for m in (f.w_gate, f.w_up, f.w_down_t.t()))
             adapter = None if f.adapter is None else half_adapter(f.adapter)  # float16: half the bytes
             return dataclasses.replace(f, w_gate=gate, w_up=up, w_down_t=down, adapter=adapter,
-                                       shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0])
+                                       shadow_q=f.shadow_q[:0], shadow_scale=f.shadow_scale[:0], shadow_g16=None)
         fmts = (fmt, fmt, head_fmt)  # down rows at 8 bits under 4-bit gate/up (above)
         parts = [quantize(m.contiguous(), to) for m, to in zip((f.w_gate, f.w_up, f.w_down_t), fmts, strict=True)]
         store = torch.cat([p.data for p in parts], dim=1)  # [F, bytes of a unit's three rows]

@@ -41,11 +41,33 @@ class RoutedFFN:
     w_gate: torch.Tensor  # [F, H]
     w_up: torch.Tensor  # [F, H]
     w_down_t: torch.Tensor  # [F, H]
-    shadow_q: torch.Tensor  # [2F, H/2] uint8
-    shadow_scale: torch.Tensor  # [2F, H/G]
+    shadow_q: torch.Tensor  # [2F, H/2] uint8 (no rows: [0, H/2], the exact router or g16 only)
+    shadow_scale: torch.Tensor  # [2F, H/G] (likewise [0, H/G])
     unit_bias: torch.Tensor  # [F]
     module: nn.Module
     adapter: Adapter | None = None  # routing adapter: applied by the sparse path only
+    # The int4 shadow in the kernels' scoring layout (``kernels.cpu.shadow_g16``), held instead of the
+    # rows where the compiled step scores from it alone (``fused_cpu.scoring_layout``); None: rows.
+    shadow_g16: torch.Tensor | None = None
+
+    @property
+    def int4_shadow(self) -> bool:
+        """Whether an int4 shadow scores this layer (in either layout); False: the exact router."""
+        return self.shadow_g16 is not None or self.shadow_q.numel() > 0
+
+    def shadow_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The shadow as held: (g16,) or (codes, scales)."""
+        return (self.shadow_g16,) if self.shadow_g16 is not None else (self.shadow_q, self.shadow_scale)
+
+    def shadow_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shadow's row layout (codes [2F, H/2], scales [2F, G]), made from the g16 layout when only
+        that is held (for the reference and uncompiled paths; the compiled step reads g16)."""
+        if self.shadow_g16 is None or self.shadow_q.numel():
+            return self.shadow_q, self.shadow_scale
+        from adaroute.kernels.cpu import rows_from_g16
+
+        units, hidden = self.w_gate.shape
+        return rows_from_g16(self.shadow_g16, units, hidden, self.shadow_scale.shape[1])
 
     def policy(self) -> tuple[float, int, int]:
         m = self.module

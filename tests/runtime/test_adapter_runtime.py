@@ -63,5 +63,5 @@ def test_byte_model_counts_the_adapter():
     bytes_ = engine.w.weight_bytes(0.5)
     assert bytes_["adapter"] == len(mods) * 4 * (3 * r * hidden + int(0.5 * 3 * units * r))
     assert engine.w.weight_bytes(None)["adapter"] == 0  # dense steps read no adapter
-    shadow = sum(t.numel() * t.element_size() for t in (f.shadow_q, f.shadow_scale, f.unit_bias))
+    shadow = sum(t.numel() * t.element_size() for t in (*f.shadow_tensors(), f.unit_bias))  # as held
     assert math.isclose(f.router_share * 3 * units * hidden * 4, shadow + 4 * 3 * r * hidden)

@@ -765,6 +765,16 @@ void ar_routed_ffn(const float* x, int64_t t_count, int64_t h, int64_t f, const 
   if (!all_units) add_usage(call.mask.data(), nt, f, usage);  // the mask is final here, as counts are
 }
 
+// 1 when ar_routed_ffn scores from the g16 layout alone (AVX-512 BW): given shadow_g16 it then reads
+// neither shadow_q nor shadow_scale, so a caller may hold the shadow in that layout only.
+int ar_scores_g16() {
+#ifdef AR_INT8_SIMD
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Router scores alone, [T, F] into out (group_size as for ar_routed_ffn).
 void ar_router_scores(const float* x, int64_t t_count, int64_t h, int64_t f, const uint8_t* shadow_q,
                       const float* shadow_scale, int64_t group_size, const float* unit_bias, float* out,
