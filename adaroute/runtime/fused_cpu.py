@@ -199,7 +199,7 @@ def scoring_layout(w: ModelWeights) -> ModelWeights:
     routed head is held). Paths that read rows make them from g16 (``RoutedFFN.shadow_rows``)."""
     rows = [ly.ffn for ly in w.layers if isinstance(ly.ffn, RoutedFFN) and ly.ffn.shadow_q.numel()]
     float_rows = all(isinstance(t, torch.Tensor) for f in rows for t in (f.w_gate, f.w_up, f.w_down_t))
-    if not rows or not float_rows or not cpu.scores_from_g16() or not FusedDecoder.supports(w):
+    if not rows or not float_rows or w.embed.is_cuda or not cpu.scores_from_g16() or not FusedDecoder.supports(w):
         return w
     layers = []
     for ly in w.layers:
