@@ -111,7 +111,7 @@ class FailSafe:
 
     def bands(self) -> list[tuple[int, int]]:
         """Per layer (lo, hi) units per token; (0, F) for layers without a calibrated band."""
-        key = tuple(ly.ffn.policy() for ly in self.w.layers if isinstance(ly.ffn, RoutedFFN))
+        key = self.w.policies_key()
         if key != self._bands_key:
             self._bands = [_band(ly.ffn) for ly in self.w.layers]
             self._bands_key = key

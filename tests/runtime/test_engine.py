@@ -266,3 +266,20 @@ def test_engine_limits_follow_each_layers_threshold(profiled):
     assert engine.sparse_limits()[0] > 1 and engine.sparse_limits()[1] == 1
     mods[1].threshold = mods[1].profile.threshold_at(0.2)  # a density override is seen at once
     assert engine.sparse_limits()[1] == engine.sparse_limits()[0]
+
+
+def test_unit_counter_sums_compiled_steps_when_read():
+    from adaroute.runtime import UnitCounter
+
+    counter = UnitCounter()
+    step = torch.tensor([[3, 5], [-1, -1], [2, 0]])  # [L, N]: layer 1 ran dense
+    for _ in range(UnitCounter._FOLD + 3):  # past one fold
+        counter.add_step(step, 10)
+    scratch = step.clone()
+    counter.add_step(scratch, 10)
+    scratch.fill_(99)  # written after the step was handed in: not counted
+    steps = UnitCounter._FOLD + 4
+    assert counter.units == steps * (3 + 5 + 2 + 0)
+    assert counter.slots == steps * 2 * 2 * 10  # two sparse layers x two tokens x width
+    counter.add(torch.tensor([4, 4]), 10)  # the per-layer path adds to the same sums
+    assert counter.units == steps * 10 + 8 and counter.density == counter.units / counter.slots
