@@ -52,10 +52,13 @@ class UnitCounter:
             self._fold()
 
     def _fold(self) -> None:
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for counts, width in self._steps:
-            ran = counts[:, 0] >= 0  # [L]: the layers that ran sparse (all of a layer's tokens alike)
-            self._units = self._units + counts[ran].sum()
-            self._slots += int(ran.sum()) * counts.shape[1] * width
+            groups.setdefault((tuple(counts.shape), width), []).append(counts)
+        for (shape, width), steps in groups.items():
+            c = torch.stack(steps)  # [S, L, N]; a layer run dense is -1 for every token of its step
+            self._units = self._units + c.clamp_min(0).sum()
+            self._slots += int((c[:, :, 0] >= 0).sum()) * shape[1] * width
         self._steps = []
 
     @property
