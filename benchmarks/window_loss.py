@@ -33,7 +33,7 @@ from adaroute.fsio import write_json_atomic
 from adaroute.models import load_model
 from adaroute.routing import routed_modules
 from adaroute.routing.policy import LayerPolicy
-from adaroute.routing.quality import dense_policies
+from adaroute.routing.quality import compare_with_dense, dense_policies
 
 LOW_NORM = 0.5  # an FFN input under this share of the window's median norm at its layer is "low"
 
@@ -144,7 +144,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.routed}: not a routed model directory")
     text = load_texts([args.data])[0]
     wins = windows(tokenize(tok, text.text, args.max_tokens), args.window)
-    per_window = [round(window_excess(model, mods, w), 1) for w in wins]
+    # the per-window records compare_with_dense keeps (same windows, same NLL sums)
+    records = compare_with_dense(model, tok, text.text, args.window, args.max_tokens, cost=False)["per_window"]
+    per_window = [round(r["nll_routed"] - r["nll_dense"], 1) for r in records]
     pick = args.pick if args.pick is not None else max(range(len(wins)), key=per_window.__getitem__)
     print(f"{text.name}: excess NLL per window (routed - dense, nats): {per_window}; total {sum(per_window):.1f}")
     res = {"data": text.name, "per_window_excess": per_window, "window": pick,
