@@ -100,7 +100,8 @@ PRESET_BUDGET_MINUTES = {"quick": 10, "default": 30}
 class TrainConfig:
     """Router training on calibration text.
 
-    calib_tokens:       tokens of calibration text captured (dense FFN inputs, per layer).
+    calib_tokens:       tokens of calibration text captured (dense FFN inputs, per layer); with several files each
+                        gives a share in proportion to its length, from its start.
     window:             tokens per calibration window.
     ranking_steps:      optimiser steps of the per-layer ranking fit (0 = keep the untrained shadow).
     ranking_batch:      tokens per ranking step.
@@ -114,7 +115,8 @@ class TrainConfig:
     distill_batch:      windows per distillation step.
     distill_lr:         learning rate in distillation (router scales relative to their size, biases as is).
     distill_window:     tokens per distillation window.
-    distill_tokens:     calibration tokens the distillation windows are drawn from (at random, seeded).
+    distill_tokens:     calibration tokens (shared between files like calib_tokens) the distillation windows are
+                        drawn from (at random, seeded).
     distill_generated:  tokens of the dense model's own samples added to that pool (training.selfgen; 0 = none).
     distill_density:    routers and adapters are distilled at this share of the target density (1 = at the
                         target); thresholds are calibrated at the target afterwards. Below 1 the adapters learn

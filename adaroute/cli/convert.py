@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="train and calibrate routers; write a routed model directory")
     add_model_arg(p)
     p.add_argument("--calib", nargs="+", default=["builtin:calib"], metavar="FILE",
-                   help="calibration text: UTF-8 files or builtin:calib (default)")
+                   help="calibration text: UTF-8 files or builtin:calib (default); several share the calibration "
+                        "tokens in proportion to their length")
     p.add_argument("--density", type=density, default=0.5, help="target mean FFN density in (0, 1] (default 0.5)")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="new output directory (default: routed-<density>); never the source model or inside it")

@@ -21,17 +21,26 @@ from adaroute.routing.routed_mlp import RoutedMLP
 
 
 def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int) -> torch.Tensor:
-    """Concatenate ``texts``, tokenise, cut into [B, W] non-overlapping windows (at most ``max_tokens``)."""
-    ids: list[int] = []
-    for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"]
-        if len(ids) >= max_tokens:
-            break
+    """Tokenise ``texts``, take from the start of each a share of ``max_tokens`` in proportion to its
+    length (all of them when they hold fewer), concatenate in order and cut into [B, W]
+    non-overlapping windows. One text gives its first ``max_tokens`` tokens; with several, a long
+    first file does not crowd out the others."""
+    cap = max_tokens * CHARS_PER_TOKEN_CAP  # a longer text is tokenised from its start up to here
+    pieces = [tokenizer(t[:cap], add_special_tokens=False)["input_ids"] for t in texts]
+    # tokens each text holds: counted, or estimated from its characters when it was cut at ``cap``
+    sizes = [len(ids) * len(t) / max(1, min(len(t), cap)) for ids, t in zip(pieces, texts, strict=True)]
+    total = sum(sizes)
+    share = [len(ids) if total <= max_tokens else int(max_tokens * n / total) for ids, n in zip(pieces, sizes,
+                                                                                                strict=True)]
+    ids = [i for piece, k in zip(pieces, share, strict=True) for i in piece[:k]]
     usable = min(len(ids), max_tokens) // window * window
     if usable == 0:
         raise AdarouteError(f"the calibration text is {len(ids)} tokens, fewer than one window of {window}: give "
                             "more text (--calib FILE...; builtin:calib has enough)")
     return torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, window)  # [B, W]
+
+
+CHARS_PER_TOKEN_CAP = 64  # no text needs more characters than this per token wanted
 
 
 @dataclass
