@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["none", "router", "adapters"])
     p.add_argument("--data", nargs="+", default=["builtin:heldout"])
     p.add_argument("--eval-tokens", type=int, default=1024)
+    p.add_argument("--no-start", action="store_true",
+                   help="score windows without the start token (adaroute eval --no-start)")
     p.add_argument("--json", default="out/adapter_ablation.json")
     return p.parse_args(argv)
 
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
                                     train, prep)
             seconds = time.perf_counter() - start
             for t in data:
-                r = compare_with_dense(model, tok, t.text, max_tokens=args.eval_tokens, desc=f"{variant} {d} {t.name}")
+                r = compare_with_dense(model, tok, t.text, max_tokens=args.eval_tokens, desc=f"{variant} {d} {t.name}",
+                                       start=not args.no_start)
                 rec = {"density": d, "variant": variant, "data": t.name, "train_seconds": seconds,
                        "distill_steps": train.distill_steps, "adapt_rank": train.adapt_rank,
                        "final_distill_loss": report.distill_loss[-1] if report.distill_loss else None,

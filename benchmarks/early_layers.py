@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shifts", nargs="+", default=["0:0", "6:0.1", "6:0.15", "6:0.2", "4:0.2"])
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--no-start", action="store_true",
+                   help="score windows without the start token (adaroute eval --no-start)")
     p.add_argument("--json", default="out/early_layers.json")
     return p.parse_args(argv)
 
@@ -59,8 +61,8 @@ def main(argv=None) -> int:
         dens = shifted(base, int(first), float(extra))
         for m, d in zip(mods, dens, strict=True):
             m.set_policy(policy_for(m, m.profile, d))
-        ratios = {t.name: compare_with_dense(model, tok, t.text, args.window, args.max_tokens,
-                                             cost=False)["perplexity_ratio"] for t in texts}
+        ratios = {t.name: compare_with_dense(model, tok, t.text, args.window, args.max_tokens, cost=False,
+                                             start=not args.no_start)["perplexity_ratio"] for t in texts}
         records.append({"first_layers": int(first), "extra": float(extra), "densities": dens, "ratios": ratios})
         rows.append([first, extra, f"{sum(dens) / len(dens):.3f}", *(f"{r:.4f}" for r in ratios.values())])
         print(format_table(["first", "extra", "mean density", *ratios], rows[-1:]), flush=True)

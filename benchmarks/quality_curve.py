@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per data file")
     p.add_argument("--oracle-calib-tokens", type=int, default=4096)
     p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--no-start", action="store_true",
+                   help="score windows without the start token (adaroute eval --no-start)")
     p.add_argument("--json", default="out/quality_curve.json")
     return p.parse_args(argv)
 
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
     rows, records = [], []
     for d in args.densities:
         for t in texts:
-            rec = {"data": t.name, **curve_point(model, tok, mods, t.text, d, args.window, args.max_tokens, inputs)}
+            rec = {"data": t.name, **curve_point(model, tok, mods, t.text, d, args.window, args.max_tokens, inputs,
+                                                         not args.no_start)}
             records.append(rec)
             rows.append([t.name, d, rec["learned"]["perplexity_ratio"], rec["learned"]["ffn_bytes_share"],
                          rec["oracle"]["perplexity_ratio"] if rec["oracle"] else math.nan,

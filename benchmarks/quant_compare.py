@@ -26,7 +26,7 @@ import torch
 from adaroute import load_model
 from adaroute.data import load_text
 from adaroute.eval.bench import _fmt, bench_prompts, llama_cpp_engine, run_engines, runtime_engine
-from adaroute.eval.perplexity import tokenize, window_nll, windows
+from adaroute.eval.perplexity import text_windows, window_nll
 from adaroute.models.loading import resolve
 from adaroute.runtime import Engine, ExecutionPolicy
 from adaroute.runtime.formats import runtime_weights
@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity (0: skip)")
+    p.add_argument("--no-start", action="store_true", help="perplexity windows without the start token")
     p.add_argument("--routed", metavar="DIR", nargs="+", default=[],
                    help="routed model directories of the same base model: per file, the one stored in that "
                         "file's format (adaroute convert --weights), else a float32 one quantised when loaded")
@@ -104,8 +105,8 @@ def main() -> None:
         rows.append((path, fmt, weights, ours, cpp, extra))
     prompts = bench_prompts(tokenizer, 1, args.prompt_tokens)
     records = {r.engine: r for r in run_engines(engines, prompts, args.new_tokens, args.repeats)}
-    wins = windows(tokenize(tokenizer, load_text("builtin:heldout").text, args.ppl_tokens), 512) \
-        if args.ppl_tokens else []
+    wins = text_windows(tokenizer, load_text("builtin:heldout").text, 512, args.ppl_tokens,
+                        not args.no_start) if args.ppl_tokens else []
     out = []
     print(f"threads {args.threads}, batch 1, {args.new_tokens} new tokens, {args.repeats} interleaved rounds, "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -24,7 +24,7 @@ import torch
 from adaroute import load_model
 from adaroute.data import load_text
 from adaroute.eval.bench import _fmt, bench_prompts, run_engines, runtime_engine
-from adaroute.eval.perplexity import tokenize, window_nll, windows
+from adaroute.eval.perplexity import text_windows, window_nll
 from adaroute.routing.profile import apply_density
 from adaroute.runtime import Engine, ExecutionPolicy
 from adaroute.runtime.quant_weights import quantise
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--densities", default="0.5,0.35")
     p.add_argument("--routers", default="exact", help="quantised routed layers: exact, shadow or both")
     p.add_argument("--ppl-tokens", type=int, default=4096)
+    p.add_argument("--no-start", action="store_true", help="perplexity windows without the start token")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -56,8 +57,8 @@ def main() -> None:
     mods = [m for m in model.modules() if hasattr(m, "w_down_t")]
     base = from_model(model, 1024)
     formats = args.formats.split(",")
-    wins = windows(tokenize(tokenizer, load_text("builtin:heldout").text, args.ppl_tokens), 512) \
-        if args.ppl_tokens else []
+    wins = text_windows(tokenizer, load_text("builtin:heldout").text, 512, args.ppl_tokens,
+                        not args.no_start) if args.ppl_tokens else []
     rows, dense = [], {}
     for density in map(float, args.densities.split(",")):
         apply_density(mods, density)

@@ -2,7 +2,7 @@
 many tokens change state (an FFN input far below its window's usual size) between dense and routed.
 
     python benchmarks/window_loss.py DIR --data readmes.txt [--window 512] [--max-tokens 4096]
-        [--pick N] [--top 15] [--group 6] [--json out/window_loss.json]
+        [--pick N] [--top 15] [--group 6] [--no-start] [--json out/window_loss.json]
 
 DIR: a routed model directory. Every number is the reference path's (``compare_with_dense``'s
 protocol): per window, NLL summed over its scored tokens, routed minus dense ("excess", nats).
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from adaroute.cli.common import format_table, setup_threads
 from adaroute.data import load_texts
-from adaroute.eval.perplexity import tokenize, windows
+from adaroute.eval.perplexity import text_windows
 from adaroute.fsio import write_json_atomic
 from adaroute.models import load_model
 from adaroute.routing import routed_modules
@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pick", type=int, help="window to study (default: the one with the largest excess)")
     p.add_argument("--top", type=int, default=15, help="tokens listed")
     p.add_argument("--group", type=int, default=6, help="layers per group run dense together")
+    p.add_argument("--no-start", action="store_true", help="windows without the start token (adaroute eval --no-start)")
     p.add_argument("--json", default="out/window_loss.json")
     return p.parse_args(argv)
 
@@ -143,9 +144,10 @@ def main(argv=None) -> int:
     if not mods:
         raise SystemExit(f"{args.routed}: not a routed model directory")
     text = load_texts([args.data])[0]
-    wins = windows(tokenize(tok, text.text, args.max_tokens), args.window)
+    wins = text_windows(tok, text.text, args.window, args.max_tokens, not args.no_start)
     # the per-window records compare_with_dense keeps (same windows, same NLL sums)
-    records = compare_with_dense(model, tok, text.text, args.window, args.max_tokens, cost=False)["per_window"]
+    records = compare_with_dense(model, tok, text.text, args.window, args.max_tokens, cost=False,
+                                 start=not args.no_start)["per_window"]
     per_window = [round(r["nll_routed"] - r["nll_dense"], 1) for r in records]
     pick = args.pick if args.pick is not None else max(range(len(wins)), key=per_window.__getitem__)
     print(f"{text.name}: excess NLL per window (routed - dense, nats): {per_window}; total {sum(per_window):.1f}")

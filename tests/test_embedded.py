@@ -42,10 +42,10 @@ def test_eval_cli_agrees_with_transformers_loss(embedded, tmp_path):
                  "--json", str(out)]) == 0
     got = json.loads(out.read_text())["total"]
     nll, n = 0.0, 0
-    with torch.no_grad():
-        for w in tokenize(tok, text).split(256):
-            if w.numel() >= 2:
-                nll += model(input_ids=w[None], labels=w[None]).loss.item() * (w.numel() - 1)
-                n += w.numel() - 1
+    with torch.no_grad():  # each window: the start token (BOS) and the next 255 text tokens
+        for chunk in tokenize(tok, text).split(255):
+            w = torch.cat([torch.tensor([tok.bos_token_id]), chunk])
+            nll += model(input_ids=w[None], labels=w[None]).loss.item() * (w.numel() - 1)
+            n += w.numel() - 1
     assert got["tokens"] == n
     assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=0.01)

@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
                    help="weight format: f32, q8 (q8_0), q4 (q4_1) or q4_0; at q8/q4 the runtime engine computes "
                         "the perplexities on quantised weights (default: the routed directory's recorded format, "
                         "else f32)")
+    p.add_argument("--no-start", action="store_true",
+                   help="score each window cold from its first text token, without the model's start token "
+                        "(BOS, else EOS) that every window begins with by default")
     add_head_rows_arg(p)
     p.add_argument("--json", metavar="OUT", help="write results as JSON")
     p.set_defaults(run=run)
@@ -56,7 +59,7 @@ def run(args) -> int:
         raise AdarouteError(f"--max-tokens {args.max_tokens} is too small: perplexity needs at least 2 tokens")
     check_json_arg(args.json)
     texts = load_texts(args.data)  # read all inputs before the slow model load
-    from adaroute.eval.perplexity import check_window_fits
+    from adaroute.eval.perplexity import check_window_fits, start_token
     from adaroute.models import inspect_model, load_model
     from adaroute.runtime.formats import model_format, parse_format
 
@@ -71,6 +74,9 @@ def run(args) -> int:
     apply_head_rows(None, info, args.head_rows, fmt)  # checks before the slow load
     setup_threads()
     model, tokenizer = load_model(args.model)
+    args.start = not args.no_start
+    if args.start:
+        start_token(tokenizer)  # a tokenizer with neither BOS nor EOS answers before any window is scored
     apply_head_rows(model, info, args.head_rows, fmt)
     routed = info.routed
     if fmt == "f32" and not getattr(model, "adaroute_head_rows", 0):  # a routed head runs in the runtime only
@@ -78,7 +84,8 @@ def run(args) -> int:
         records = [evaluate(model, tokenizer, t, args) for t in texts]
     else:
         records = _eval_runtime(model, tokenizer, texts, args, fmt, routed)
-    payload = {"model": args.model, "routed": routed, "weights": fmt, "results": records,
+    payload = {"model": args.model, "routed": routed, "weights": fmt,
+               "start_token": start_token(tokenizer) if args.start else None, "results": records,
                "total": _total(records, args)}
     if fmt != "f32":
         print(f"weights: {fmt} (perplexities computed by the runtime engine on {fmt} blocks)")
@@ -93,7 +100,7 @@ def run(args) -> int:
 def _eval_dense(model, tokenizer, text, args) -> dict:
     from adaroute.eval.perplexity import perplexity
 
-    r = perplexity(model, tokenizer, text.text, args.window, args.max_tokens, desc=text.name)
+    r = perplexity(model, tokenizer, text.text, args.window, args.max_tokens, desc=text.name, start=args.start)
     return {"model": args.model, "data": text.name, "perplexity": r.perplexity, "tokens": r.tokens,
             "windows": r.windows, "window": args.window, "seconds": round(r.seconds, 3)}
 
@@ -103,10 +110,11 @@ def _eval_routed(model, tokenizer, text, args) -> dict:
 
     from adaroute.routing.quality import compare_with_dense
 
-    start = time.perf_counter()
-    r = compare_with_dense(model, tokenizer, text.text, args.window, args.max_tokens, args.density, desc=text.name)
+    t0 = time.perf_counter()
+    r = compare_with_dense(model, tokenizer, text.text, args.window, args.max_tokens, args.density, desc=text.name,
+                           start=args.start)
     return {"model": args.model, "data": text.name, "perplexity": r["perplexity_routed"], "window": args.window,
-            "seconds": round(time.perf_counter() - start, 3), **r}
+            "seconds": round(time.perf_counter() - t0, 3), **r}
 
 
 def _eval_runtime(model, tokenizer, texts, args, fmt: str, routed: bool) -> list[dict]:
@@ -121,7 +129,8 @@ def _eval_runtime(model, tokenizer, texts, args, fmt: str, routed: bool) -> list
         weights = runtime_weights(model, fmt, args.window)
         records = []
         for text in texts:
-            r = runtime_perplexity(weights, tokenizer, text.text, args.window, args.max_tokens, desc=text.name)
+            r = runtime_perplexity(weights, tokenizer, text.text, args.window, args.max_tokens, desc=text.name,
+                                   start=args.start)
             records.append({"model": args.model, "data": text.name, "perplexity": r.perplexity, "tokens": r.tokens,
                             "windows": r.windows, "window": args.window, "seconds": round(r.seconds, 3),
                             "weights": fmt})
@@ -137,11 +146,11 @@ def _eval_runtime(model, tokenizer, texts, args, fmt: str, routed: bool) -> list
         weights = runtime_weights(model, fmt, args.window)
         records = []
         for text in texts:
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             r = compare_with_dense_runtime(weights, model, tokenizer, text.text, args.window, args.max_tokens,
-                                           args.density, desc=text.name)
+                                           args.density, desc=text.name, start=args.start)
             records.append({"model": args.model, "data": text.name, "perplexity": r["perplexity_routed"],
-                            "window": args.window, "seconds": round(time.perf_counter() - start, 3),
+                            "window": args.window, "seconds": round(time.perf_counter() - t0, 3),
                             "weights": fmt, **r})
         return records
     finally:

@@ -2,13 +2,19 @@
 
 Protocol (identical for dense and routed models, so their numbers compare):
 1. The text is tokenized once without special tokens; `max_tokens` keeps the first N tokens.
-2. The ids are cut into consecutive, non-overlapping windows of `window` tokens; a trailing
-   remainder is kept as a last, shorter window if it has at least 2 tokens.
-3. Each window is one forward pass with no cache and no context from earlier windows; every token
-   after a window's first is scored by the cross-entropy of its next-token prediction.
+2. Each window is the model's start token followed by the next `window` - 1 text tokens (the
+   windows do not overlap; a trailing remainder of at least one token is a last, shorter window).
+   The start token is the tokenizer's BOS, else its EOS, as lm-eval-harness conditions rolling
+   perplexity; it is what a served request begins with (the chat template's first token), and it
+   gives the model its attention sink. Without it (`start=False`, `adaroute eval --no-start`) a
+   window is scored cold from its first text token, which is then not scored itself: when that
+   token cannot serve as a sink (a text starting with `![`, say) the dense model's own perplexity
+   on the window can be tens of times its usual, and every comparison on it is noise.
+3. Each window is one forward pass with no cache and no context from earlier windows; every text
+   token after the start token is scored by the cross-entropy of its next-token prediction.
 4. perplexity = exp(total negative log-likelihood / total scored tokens). `tokens` in results is
    the number of scored tokens (window length - 1, summed).
-This matches transformers' own `model(ids, labels=ids).loss` per window, weighted by scored tokens.
+Per window this is transformers' own `model(ids, labels=ids).loss`, weighted by scored tokens.
 """
 
 from __future__ import annotations
@@ -90,9 +96,29 @@ def _token_ids(tokenizer, text: str, max_tokens: int | None) -> list[int]:
     return encode(text)[:max_tokens]
 
 
-def windows(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
-    """Non-overlapping [1, W] windows of `ids` [N]; a trailing remainder of ≥ 2 tokens is kept."""
-    return [w.unsqueeze(0) for w in ids.split(window) if w.numel() >= 2]
+def windows(ids: torch.Tensor, window: int, start: int | None = None) -> list[torch.Tensor]:
+    """Non-overlapping [1, W] windows of `ids` [N]. With `start`, each is that token followed by the
+    next W - 1 ids (a trailing remainder of ≥ 1 id is kept); without, W ids each (a remainder of
+    ≥ 2 is kept)."""
+    if start is None:
+        return [w.unsqueeze(0) for w in ids.split(window) if w.numel() >= 2]
+    head = torch.tensor([start], dtype=ids.dtype)
+    return [torch.cat([head, w]).unsqueeze(0) for w in ids.split(window - 1)]
+
+
+def start_token(tokenizer) -> int:
+    """The token every window starts with: the tokenizer's BOS, else its EOS."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise AdarouteError("the tokenizer has neither a BOS nor an EOS token to start windows with: "
+                        "pass --no-start to score windows from their first token")
+
+
+def text_windows(tokenizer, text: str, window: int, max_tokens: int | None = None,
+                 start: bool = True) -> list[torch.Tensor]:
+    """The [1, W] windows of `text` under this module's protocol (with or without the start token)."""
+    return windows(tokenize(tokenizer, text, max_tokens), window, start_token(tokenizer) if start else None)
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -108,15 +134,15 @@ def iter_logits(model: nn.Module, wins: list[torch.Tensor], desc: str = "") -> I
 
 
 def perplexity(model: nn.Module, tokenizer, text: str, window: int = 512, max_tokens: int | None = None,
-               desc: str = "") -> PerplexityResult:
+               desc: str = "", start: bool = True) -> PerplexityResult:
     """Perplexity of `model` on `text` under the protocol in this module's docstring."""
     check_window(model, window)
-    start, nll, scored = time.perf_counter(), 0.0, 0  # the time includes tokenisation
-    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    t0, nll, scored = time.perf_counter(), 0.0, 0  # the time includes tokenisation
+    wins = text_windows(tokenizer, text, window, max_tokens, start)
     for w, logits in iter_logits(model, wins, desc):
         nll += window_nll(logits, w).item()
         scored += w.shape[1] - 1
-    return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - start)
+    return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - t0)
 
 
 @torch.inference_mode()
@@ -128,16 +154,16 @@ def iter_runtime_logits(engine, wins: list[torch.Tensor], desc: str = "") -> Ite
 
 
 def runtime_perplexity(weights, tokenizer, text: str, window: int = 512, max_tokens: int | None = None,
-                       desc: str = "", kernel: str | None = None) -> PerplexityResult:
+                       desc: str = "", kernel: str | None = None, start: bool = True) -> PerplexityResult:
     """Perplexity computed by the runtime engine on ``weights`` (a ``ModelWeights`` at any format,
     ``adaroute.runtime.formats.runtime_weights``), every FFN dense, under this module's protocol."""
     from adaroute.runtime import Engine, ExecutionPolicy
 
     engine = Engine(weights, kernel=kernel, policy=ExecutionPolicy.always_dense())
     check_window_fits(window, weights.max_positions)
-    start, nll, scored = time.perf_counter(), 0.0, 0
-    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    t0, nll, scored = time.perf_counter(), 0.0, 0
+    wins = text_windows(tokenizer, text, window, max_tokens, start)
     for w, logits in iter_runtime_logits(engine, wins, desc):
         nll += window_nll(logits, w).item()
         scored += w.shape[1] - 1
-    return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - start)
+    return PerplexityResult(math.exp(nll / scored), nll, scored, len(wins), time.perf_counter() - t0)

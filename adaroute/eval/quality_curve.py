@@ -51,11 +51,12 @@ def oracle_routers(mods, inputs: list[torch.Tensor], per_layer: list[float]) -> 
 
 
 def curve_point(model: nn.Module, tokenizer, mods, text: str, density: float, window: int,
-                max_tokens: int | None, inputs: list[torch.Tensor] | None = None) -> dict:
+                max_tokens: int | None, inputs: list[torch.Tensor] | None = None, start: bool = True) -> dict:
     """{"density", "learned", "oracle"}: compare_with_dense records at ``density`` (oracle: None
-    without calibration ``inputs``). The model's policies are restored afterwards."""
+    without calibration ``inputs``; ``start`` as compare_with_dense's). The model's policies are
+    restored afterwards."""
     learned = compare_with_dense(model, tokenizer, text, window, max_tokens, density=density,
-                                 desc=f"learned {density}")
+                                 desc=f"learned {density}", start=start)
     oracle = None
     if inputs is not None:
         saved = [m.policy for m in mods]
@@ -63,7 +64,7 @@ def curve_point(model: nn.Module, tokenizer, mods, text: str, density: float, wi
             per_layer = apply_density(mods, density)
             with oracle_routers(mods, inputs, per_layer):
                 oracle = compare_with_dense(model, tokenizer, text, window, max_tokens, desc=f"oracle {density}",
-                                                cost=False)
+                                            cost=False, start=start)
         finally:
             for m, p in zip(mods, saved, strict=True):
                 m.set_policy(p)

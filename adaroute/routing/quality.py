@@ -62,6 +62,7 @@ def compare_with_dense(
     desc: str = "",
     collector: Collector | None = None,
     cost: bool = True,
+    start: bool = True,
 ) -> dict[str, Any]:
     """Routed vs dense on the same non-overlapping windows of ``text``.
 
@@ -69,14 +70,15 @@ def compare_with_dense(
     sensitivities) for quick sweeps; the model's policies are restored afterwards.
     ``collector``, when given, also receives every routed forward (e.g. to keep the selection masks).
     ``cost`` False leaves out the cost shares (for routers the runtime cannot run: the hindsight oracle).
+    ``start``: windows begin with the model's start token (``adaroute.eval.perplexity``'s protocol).
     Returns perplexities and their ratio, top-1 next-token agreement, KL(dense || routed) per token,
     per-layer and mean density, cost shares, the units-per-token distribution and, per window, the
     summed NLLs, agreements, scored tokens and density (for intervals over windows).
     """
-    from adaroute.eval.perplexity import tokenize, windows
+    from adaroute.eval.perplexity import text_windows
 
     mods = routed_modules(routed_model)
-    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    wins = text_windows(tokenizer, text, window, max_tokens, start)
     saved = [m.policy for m in mods]
     try:
         if density is not None:
@@ -134,6 +136,7 @@ def compare_with_dense_runtime(
     density: float | None = None,
     desc: str = "",
     kernel: str | None = None,
+    start: bool = True,
 ) -> dict[str, Any]:
     """``compare_with_dense`` computed by the runtime engine on ``weights`` (``ModelWeights`` of
     ``routed_model`` at any format, ``adaroute.runtime.formats.runtime_weights``): the same windows,
@@ -143,12 +146,12 @@ def compare_with_dense_runtime(
     (set a density with ``apply_density`` before building the weights; ``density`` is only recorded).
     Byte and FLOP shares are of the weights as held (block bytes at q8/q4), as ``cost_shares``.
     """
-    from adaroute.eval.perplexity import tokenize, windows
+    from adaroute.eval.perplexity import text_windows
     from adaroute.runtime import Engine, ExecutionPolicy
     from adaroute.runtime.weights import RoutedFFN
 
     mods = routed_modules(routed_model)
-    wins = windows(tokenize(tokenizer, text, max_tokens), window)
+    wins = text_windows(tokenizer, text, window, max_tokens, start)
     dense_engine = Engine(weights, kernel=kernel, policy=ExecutionPolicy.always_dense())
     engine = Engine(weights, kernel=kernel, policy=ExecutionPolicy.always_sparse())
     engine.failsafe = None
@@ -211,9 +214,12 @@ def window_spread(per_window: list[dict]) -> dict[str, Any]:
     (``nll_dense``, ``nll_routed``, ``tokens``): the per-window ratios' range, the window with the most
     extra NLL (routed - dense; 0-based), its share of the file's extra NLL (None unless that is
     positive) and the ratio over the other windows (None with one window). One window holding most of
-    the excess (a page of markup in prose, say) is then visible instead of hidden in the file's ratio."""
+    the excess (a page of markup in prose, say) is then visible instead of hidden in the file's ratio.
+    The range leaves out a trailing remainder under half the longest window's tokens: a ratio over a
+    few tokens says nothing about the file."""
     excess = [w["nll_routed"] - w["nll_dense"] for w in per_window]
-    ratios = [math.exp(e / w["tokens"]) for e, w in zip(excess, per_window, strict=True)]
+    longest = max(w["tokens"] for w in per_window)
+    ratios = [math.exp(e / w["tokens"]) for e, w in zip(excess, per_window, strict=True) if 2 * w["tokens"] >= longest]
     worst = max(range(len(excess)), key=excess.__getitem__)
     total, rest = sum(excess), sum(w["tokens"] for i, w in enumerate(per_window) if i != worst)
     return {"ratio_min": min(ratios), "ratio_max": max(ratios), "worst_window": worst,

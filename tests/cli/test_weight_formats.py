@@ -189,12 +189,12 @@ def test_adapters_run_at_quantised_formats(adapted_dir, text_file):
 
 
 def _runtime_ppl(weights, tokenizer, text, window, max_tokens, policy):
-    from adaroute.eval.perplexity import tokenize, window_nll, windows
+    from adaroute.eval.perplexity import text_windows, window_nll
 
     engine = Engine(weights, policy=policy)
     engine.failsafe = None
     nll = scored = 0
-    for w in windows(tokenize(tokenizer, text, max_tokens), window):
+    for w in text_windows(tokenizer, text, window, max_tokens):
         nll += window_nll(_logits(engine, w), w).item()
         scored += w.shape[1] - 1
     return math.exp(nll / scored)
@@ -211,7 +211,7 @@ def test_eval_routed_directory_runs_at_its_recorded_format(q8_dir, f32_dir, text
     assert "weights: q8_0" in printed and "ppl routed" in printed
     payload = json.loads(result.read_text())
     rec = payload["results"][0]
-    assert payload["weights"] == "q8_0" and rec["weights"] == "q8_0" and rec["tokens"] == 93
+    assert payload["weights"] == "q8_0" and rec["weights"] == "q8_0" and rec["tokens"] == 96
     # the numbers are the runtime's on the directory's q8_0 blocks, dense and routed (every token sparse)
     from adaroute.runtime.checkpoint import load_weights
 

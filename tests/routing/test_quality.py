@@ -29,3 +29,11 @@ def test_window_spread_without_extra_loss_or_other_windows():
     one = window_spread([_win(100.0, 110.0)])
     assert one["worst_window"] == 0 and one["worst_excess_share"] == pytest.approx(1.0)
     assert one["ratio_without_worst"] is None
+
+
+def test_window_spread_range_leaves_out_a_short_remainder():
+    s = window_spread([_win(300.0, 303.0), _win(280.0, 290.0), _win(20.0, 30.0, tokens=8)])
+    assert s["ratio_min"] == pytest.approx(math.exp(3.0 / 100))
+    assert s["ratio_max"] == pytest.approx(math.exp(10.0 / 100))  # not the 8-token window's exp(10 / 8)
+    assert s["worst_window"] == 1  # ties go to the first; the remainder still counts in the excess
+    assert s["ratio_without_worst"] == pytest.approx(math.exp(13.0 / 108))
