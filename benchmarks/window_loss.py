@@ -123,8 +123,11 @@ def study(model, tok, mods, w, args) -> dict:
     flipped = (d_low != r_low)[:, :-1]  # [L, W-1]
     worst = int(flipped.sum(1).argmax())
     moved = flipped[worst]
+    d_nll = nll(d_logits, w)
     return {
         "excess": round(float(excess.sum()), 1), "top": top,
+        "perplexity_dense": round(float(d_nll.mean().exp()), 2),
+        "perplexity_ratio": round(float(excess.mean().exp()), 3),
         "low_norm": [{"layer": m.layer_idx, "dense": int(d_low[i].sum()), "routed": int(r_low[i].sum()),
                       "flipped": int(flipped[i].sum())} for i, m in enumerate(mods)],
         "flip_layer": mods[worst].layer_idx,
@@ -153,7 +156,8 @@ def main(argv=None) -> int:
     print(f"{text.name}: excess NLL per window (routed - dense, nats): {per_window}; total {sum(per_window):.1f}")
     res = {"data": text.name, "per_window_excess": per_window, "window": pick,
            **study(model, tok, mods, wins[pick], args)}
-    print(f"\nwindow {pick}: excess {res['excess']}; largest per token:")
+    print(f"\nwindow {pick}: excess {res['excess']} nats; dense perplexity {res['perplexity_dense']}, routed / dense "
+          f"{res['perplexity_ratio']}; largest per token:")
     print(format_table(["pos", "excess", "units", "context", "next"],
                        [[r["position"], r["excess"], r["units_share"], repr(r["context"]), repr(r["next"])]
                         for r in res["top"]]))
