@@ -10,8 +10,9 @@ Protocol (identical for dense and routed models, so their numbers compare):
    window is scored cold from its first text token, which is then not scored itself: when that
    token cannot serve as a sink (a text starting with `![`, say) the dense model's own perplexity
    on the window can be tens of times its usual, and every comparison on it is noise.
-3. Each window is one forward pass with no cache and no context from earlier windows; every text
-   token after the start token is scored by the cross-entropy of its next-token prediction.
+3. Each window is one forward pass with no cache and no context from earlier windows; every token
+   after the window's first (with the start token: every text token) is scored by the cross-entropy
+   of its prediction from the tokens before it.
 4. perplexity = exp(total negative log-likelihood / total scored tokens). `tokens` in results is
    the number of scored tokens (window length - 1, summed).
 Per window this is transformers' own `model(ids, labels=ids).loss`, weighted by scored tokens.
