@@ -118,6 +118,8 @@ class TrainConfig:
     distill_tokens:     calibration tokens (shared between files like calib_tokens) the distillation windows are
                         drawn from (at random, seeded).
     distill_generated:  tokens of the dense model's own samples added to that pool (training.selfgen; 0 = none).
+    start_token:        calibration and distillation windows begin with the tokenizer's start token (BOS, else
+                        EOS), as served requests and `adaroute eval`'s windows do; False: windows begin cold.
     distill_density:    routers and adapters are distilled at this share of the target density (1 = at the
                         target); thresholds are calibrated at the target afterwards. Below 1 the adapters learn
                         to make up for more missing units than serving leaves out (docs/routing.md).
@@ -144,6 +146,7 @@ class TrainConfig:
     distill_window: int = 256
     distill_tokens: int = 65536
     distill_generated: int = 0
+    start_token: bool = True
     distill_density: float = 1.0
     distill_floor: float = 0.0
     adapt_rank: int = 0

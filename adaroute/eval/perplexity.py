@@ -107,11 +107,19 @@ def windows(ids: torch.Tensor, window: int, start: int | None = None) -> list[to
     return [torch.cat([head, w]).unsqueeze(0) for w in ids.split(window - 1)]
 
 
-def start_token(tokenizer) -> int:
-    """The token every window starts with: the tokenizer's BOS, else its EOS."""
+def start_id(tokenizer) -> int | None:
+    """The tokenizer's BOS, else its EOS, else None: what a window (or a calibration window) begins with."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
+    return None
+
+
+def start_token(tokenizer) -> int:
+    """The token every window starts with (``start_id``); a one-line error when there is none."""
+    tid = start_id(tokenizer)
+    if tid is not None:
+        return tid
     raise AdarouteError("the tokenizer has neither a BOS nor an EOS token to start windows with: "
                         "pass --no-start to score windows from their first token")
 

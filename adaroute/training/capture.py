@@ -20,11 +20,12 @@ from adaroute.errors import AdarouteError
 from adaroute.routing.routed_mlp import RoutedMLP
 
 
-def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int) -> torch.Tensor:
-    """Tokenise ``texts``, take from the start of each a share of ``max_tokens`` in proportion to its
-    length (all of them when they hold fewer), concatenate in order and cut into [B, W]
-    non-overlapping windows. One text gives its first ``max_tokens`` tokens; with several, a long
-    first file does not crowd out the others."""
+def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int, start: int | None = None) -> torch.Tensor:
+    """Tokenise ``texts``, take ``max_tokens`` text tokens, from the start of each text a share in
+    proportion to its length (all of them when they hold fewer), concatenate in order and cut into
+    [B, W] non-overlapping windows. One text gives its first ``max_tokens`` tokens; with several, a
+    long first file does not crowd out the others. With ``start``, each window is that token followed
+    by W - 1 text tokens, as every served request and every window of ``adaroute eval`` begins."""
     cap = max_tokens * CHARS_PER_TOKEN_CAP  # a longer text is tokenised from its start up to here
     pieces = [tokenizer(t[:cap], add_special_tokens=False)["input_ids"] for t in texts]
     # tokens each text holds: counted, or estimated from its characters when it was cut at ``cap``
@@ -33,11 +34,15 @@ def token_windows(tokenizer, texts: list[str], window: int, max_tokens: int) -> 
     share = [len(ids) if total <= max_tokens else int(max_tokens * n / total) for ids, n in zip(pieces, sizes,
                                                                                                 strict=True)]
     ids = [i for piece, k in zip(pieces, share, strict=True) for i in piece[:k]]
-    usable = min(len(ids), max_tokens) // window * window
+    body = window - (start is not None)  # text tokens per window
+    usable = min(len(ids), max_tokens) // body * body
     if usable == 0:
         raise AdarouteError(f"the calibration text is {len(ids)} tokens, fewer than one window of {window}: give "
                             "more text (--calib FILE...; builtin:calib has enough)")
-    return torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, window)  # [B, W]
+    wins = torch.tensor(ids[:usable], dtype=torch.long).reshape(-1, body)  # [B, W or W - 1]
+    if start is None:
+        return wins
+    return torch.cat([torch.full((wins.shape[0], 1), start, dtype=torch.long), wins], dim=1)  # [B, W]
 
 
 CHARS_PER_TOKEN_CAP = 64  # no text needs more characters than this per token wanted

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaroute.config import RoutingConfig, TrainConfig
+from adaroute.eval.perplexity import start_id
 from adaroute.routing.policy import LayerPolicy, allocate_densities, calibrate_thresholds, guard_units
 from adaroute.routing.profile import PROFILE_GRID, LayerProfile, units_band
 from adaroute.routing.routed_mlp import RoutedMLP
@@ -83,7 +84,7 @@ def prepare_routers(model, tokenizer, texts, mods, routing: RoutingConfig, train
     seed_everything(train.seed)
     clock = _Clock()
     window = min(train.window, getattr(model.config, "max_position_embeddings", None) or train.window)
-    windows = token_windows(tokenizer, texts, window, train.calib_tokens)  # [B, W]
+    windows = token_windows(tokenizer, texts, window, train.calib_tokens, _start(tokenizer, train))  # [B, W]
     _set_guards(mods, routing)
     with clock("capture"):
         inputs, sens_inputs, grads = _capture(model, mods, windows, train)
@@ -201,6 +202,11 @@ def _fit_all(mods: list[RoutedMLP], inputs: list[torch.Tensor], densities: list[
             fit_layer(m, x[:held], d, train.ranking_steps, train.ranking_batch, train.lr, terms, gen)
 
 
+def _start(tokenizer, train: TrainConfig) -> int | None:
+    """The token calibration windows begin with (None: cold windows, or a tokenizer without BOS/EOS)."""
+    return start_id(tokenizer) if train.start_token else None
+
+
 def _distill(model, tokenizer, texts, mods, inputs, densities, train: TrainConfig, checkpoint) -> list[float]:
     targets = {}
     gen = torch.Generator().manual_seed(train.seed)
@@ -210,7 +216,8 @@ def _distill(model, tokenizer, texts, mods, inputs, densities, train: TrainConfi
             if train.adapt_rank:
                 m.add_adapter(train.adapt_rank, gen)
     limit = getattr(model.config, "max_position_embeddings", None) or train.distill_window
-    windows = token_windows(tokenizer, texts, min(train.distill_window, limit), train.distill_tokens)  # [B, W]
+    windows = token_windows(tokenizer, texts, min(train.distill_window, limit), train.distill_tokens,
+                            _start(tokenizer, train))  # [B, W]
     if train.distill_generated:
         own = sample_windows(model, tokenizer, mods, train.distill_generated, windows.shape[1], train.seed)
         windows = torch.cat([windows, own])  # [B + B', W]

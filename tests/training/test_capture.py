@@ -60,3 +60,11 @@ def test_a_very_long_text_is_read_from_its_start_only(monkeypatch):
 def test_too_little_text_is_a_one_line_error():
     with pytest.raises(AdarouteError, match="fewer than one window"):
         token_windows(TOK, ["a b"], 64, 1024)
+
+
+def test_windows_begin_with_the_start_token_when_given():
+    text_ids = ids(LONG)
+    w = token_windows(TOK, [LONG], 32, 4 * 31, start=TOK.bos_token_id)  # 4 windows of the start token + 31
+    assert w.shape == (4, 32)
+    assert (w[:, 0] == TOK.bos_token_id).all()
+    assert w[:, 1:].flatten().tolist() == text_ids[: 4 * 31]

@@ -71,3 +71,22 @@ def test_distillation_trains_only_router_parameters_and_keeps_density():
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
     assert abs(report.calib_stats["mean_density"] - 0.5) < 0.01  # re-calibrated after distillation
     assert all(m.soft_tau is None for m in mods) and all(p.requires_grad for p in mods[0].router_parameters())
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_calibration_windows_begin_with_the_start_token(monkeypatch, start):
+    from adaroute.training import trainer
+
+    seen = {}
+
+    def stop(model, mods, windows, train):
+        seen["windows"] = windows
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(trainer, "_capture", stop)
+    model, tok = make_tiny_llama(0), make_tiny_tokenizer()
+    cfg = TrainConfig(**{**TRAIN.to_dict(), "start_token": start})
+    with pytest.raises(RuntimeError, match="captured"):
+        train_routers(model, tok, TEXTS, route_model(model), RoutingConfig(density=0.5), cfg)
+    first = seen["windows"][:, 0]
+    assert bool((first == tok.bos_token_id).all()) is start
