@@ -25,10 +25,12 @@ from adaroute.routing.router import OracleRouter
 
 def oracle_inputs(model: nn.Module, tokenizer, mods, calib_texts: list[str], window: int,
                   max_tokens: int) -> list[torch.Tensor]:
-    """Each routed layer's dense FFN inputs x[l] [N, H] on the calibration text (oracle thresholds)."""
+    """Each routed layer's dense FFN inputs x[l] [N, H] on the calibration text (oracle thresholds), in
+    windows begun with the start token as ``convert``'s are."""
+    from adaroute.eval.perplexity import start_id
     from adaroute.training.capture import capture_inputs, token_windows
 
-    wins = token_windows(tokenizer, calib_texts, window, max_tokens)
+    wins = token_windows(tokenizer, calib_texts, window, max_tokens, start_id(tokenizer))
     return capture_inputs(model, mods, wins).inputs
 
 
