@@ -75,8 +75,8 @@ def run(args) -> int:
     setup_threads()
     model, tokenizer = load_model(args.model)
     args.start = not args.no_start
-    if args.start:
-        start_token(tokenizer)  # a tokenizer with neither BOS nor EOS answers before any window is scored
+    # a tokenizer with neither BOS nor EOS answers here, before any window is scored
+    start = start_token(tokenizer) if args.start else None
     apply_head_rows(model, info, args.head_rows, fmt)
     routed = info.routed
     if fmt == "f32" and not getattr(model, "adaroute_head_rows", 0):  # a routed head runs in the runtime only
@@ -85,7 +85,7 @@ def run(args) -> int:
     else:
         records = _eval_runtime(model, tokenizer, texts, args, fmt, routed)
     payload = {"model": args.model, "routed": routed, "weights": fmt,
-               "start_token": start_token(tokenizer) if args.start else None, "results": records,
+               "start_token": start, "results": records,
                "total": _total(records, args)}
     if fmt != "f32":
         print(f"weights: {fmt} (perplexities computed by the runtime engine on {fmt} blocks)")
